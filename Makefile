@@ -1,0 +1,63 @@
+# make run   — install what is missing, start the all-in-one server on 127.0.0.1
+# make test  — install what is missing (with test deps), then lint, type-check, layering, pytest
+# make bench — benchmarks: ours next to named baselines, measured in the same run
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMPS := .stamps
+# Debian packages the project and its tests need (qemu-img, nbdkit + its Python plugin, libnbd tools,
+# nginx for benchmarks, strace to prove a refused image is never opened by anything else).
+DEB_PACKAGES := qemu-utils nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-venv \
+	nginx-light strace zstd xz-utils bzip2
+APT := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600
+
+.PHONY: run test test-slow bench lint deps deps-test clean
+
+deps: $(STAMPS)/debian $(STAMPS)/venv
+deps-test: deps $(STAMPS)/venv-test
+
+$(STAMPS)/debian: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		$(APT) update -q && $(APT) install -y -q --no-install-recommends $$missing; \
+	else echo "Debian packages: all present"; fi
+	@touch $@
+
+$(STAMPS)/venv: pyproject.toml $(STAMPS)/debian
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e .
+	@touch $@
+
+$(STAMPS)/venv-test: pyproject.toml $(STAMPS)/venv
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@
+
+lint: deps-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+# pytest exits 5 when it collected nothing; that is a failure here, never a pass.
+test: lint
+	@$(VENV)/bin/pytest -m 'not slow'; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; exit $$rc
+
+test-slow: deps-test
+	$(VENV)/bin/pytest -m slow
+
+# The all-in-one server (`cdi server`) arrives with issue 4; until then `make run` shows the CLI.
+run: deps
+	$(VENV)/bin/cdi --help
+
+bench: deps-test
+	$(VPY) bench/run.py
+
+clean:
+	rm -rf $(STAMPS) $(VENV) .mypy_cache .ruff_cache

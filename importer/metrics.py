@@ -1,0 +1,111 @@
+"""Import progress as Prometheus metrics, served over HTTPS as CDI's importer does (reference §3.3).
+
+`kubevirt_cdi_import_progress_total{ownerUID}` is a counter of percent (0-100) that only grows,
+because CDI's controller scrapes it with that regex. We add the bytes read from the source. The
+certificate is a throw-away self-signed one, as in CDI; the scraper does not verify it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import tempfile
+import threading
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+log = logging.getLogger(__name__)
+
+
+class ImportProgress:
+    """Progress of one import: percent for the controller, bytes for people and benchmarks."""
+
+    def __init__(self, owner_uid: str, *, metric: str = "kubevirt_cdi_import_progress") -> None:
+        self.registry = CollectorRegistry()
+        self._lock = threading.Lock()
+        self._percent = 0.0
+        self._bytes = 0
+        self._progress = Counter(
+            metric, "Import progress in percent", ["ownerUID"], registry=self.registry
+        ).labels(ownerUID=owner_uid)
+        self._transferred = Counter(
+            "cdi_import_transferred_bytes",
+            "Bytes read from the source",
+            ["ownerUID"],
+            registry=self.registry,
+        ).labels(ownerUID=owner_uid)
+
+    @property
+    def percent(self) -> float:
+        return self._percent
+
+    @property
+    def transferred(self) -> int:
+        return self._bytes
+
+    def set_percent(self, percent: float) -> None:
+        """Raise progress to `percent`; lower values are ignored so the counter never falls."""
+        percent = min(100.0, percent)
+        with self._lock:
+            if percent > self._percent:
+                self._progress.inc(percent - self._percent)
+                self._percent = percent
+
+    def add_bytes(self, count: int) -> None:
+        with self._lock:
+            self._bytes += count
+            self._transferred.inc(count)
+
+
+class MetricsServer:
+    """HTTPS /metrics in a daemon thread; `port` is the bound port (useful with ":0")."""
+
+    def __init__(self, progress: ImportProgress, host: str, port: int) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="cdi-metrics-")
+        cert, key = _self_signed(Path(self._dir.name))
+        try:
+            self._server, self._thread = start_http_server(
+                port, addr=host, registry=progress.registry, certfile=str(cert), keyfile=str(key)
+            )
+        except BaseException:
+            self._dir.cleanup()
+            raise
+        self.port: int = self._server.server_port
+        log.info("metrics serving addr=https://%s:%d/metrics", host, self.port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._dir.cleanup()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cdi-importer-metrics")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path

@@ -1,0 +1,1 @@
+"""Test support shared by all test packages: servers and helpers made for tests, never shipped."""
