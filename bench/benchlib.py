@@ -6,8 +6,9 @@ Nothing here is a benchmark by itself. It provides:
   the CPU time of its process tree (from `wait4` rusage), the peak RSS of the command's own
   process (sampled `VmRSS`, plus `VmHWM` at the last sample) and the peak *summed* RSS of its whole
   process tree (every process that descends from it or stays in its session), sampled from /proc
-  every ~20 ms by a thread (and never below `wait4`'s ru_maxrss, the largest single process, so a
-  run shorter than one interval still counts). Leftover processes are reported as a leak and killed.
+  every ~20 ms by a thread. (`wait4`'s ru_maxrss is no substitute: subprocess spawns with vfork,
+  so it counts the parent's memory at exec time.) Leftover processes are reported as a leak and
+  killed.
 - `NginxServer`: nginx on 127.0.0.1 on a free port with its own prefix, config, pid and temp
   directories, stopped and reaped on exit. nginx (sendfile, byte ranges) is the HTTP source, so
   the server is never the slowest part.
@@ -192,8 +193,6 @@ class RunResult:
     main_hwm: int = 0
     tree_peak_rss: int = 0
     tree_peak_procs: int = 0
-    rusage_maxrss: int = 0
-    """`wait4` ru_maxrss: the largest RSS of any single process of the tree (exact)."""
     samples: int = 0
     returncode: int | None = None
     error: str | None = None
@@ -262,7 +261,6 @@ def measure(
         proc.returncode = os.waitstatus_to_exitcode(status)
         result.returncode = proc.returncode
         result.cpu_s = usage.ru_utime + usage.ru_stime
-        result.rusage_maxrss = usage.ru_maxrss * 1024
     finally:
         sampler.stop()
         if pidfd >= 0:
@@ -282,9 +280,7 @@ def measure(
                 result.error = f"left processes running after exit: {names}"
     result.main_peak_rss = sampler.main_peak_rss
     result.main_hwm = sampler.main_hwm
-    # a run shorter than one sampling interval can be missed; no tree is smaller than its largest
-    # process
-    result.tree_peak_rss = max(sampler.tree_peak_rss, result.rusage_maxrss)
+    result.tree_peak_rss = sampler.tree_peak_rss
     result.tree_peak_procs = sampler.tree_peak_procs
     result.samples = sampler.samples
     result.processes = sorted(set(sampler.seen.values()))

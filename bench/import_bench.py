@@ -157,7 +157,7 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _run(argv: Sequence[str], *, stdout: Path | None = None, timeout: float = 1800) -> None:
+def _run(argv: Sequence[str | Path], *, stdout: Path | None = None, timeout: float = 1800) -> None:
     if stdout is None:
         subprocess.run(list(argv), check=True, timeout=timeout, stdin=subprocess.DEVNULL)
         return

@@ -13,10 +13,6 @@ import tempfile
 import threading
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 log = logging.getLogger(__name__)
@@ -85,6 +81,12 @@ class MetricsServer:
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
+    # Imported here: only a worker that serves metrics pays for loading cryptography.
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cdi-importer-metrics")])
     now = datetime.datetime.now(datetime.UTC)

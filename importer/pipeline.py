@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import importer
 from cdi.api import (
@@ -46,7 +46,7 @@ from cdi.image.errors import (
     ImageTooLargeError,
     UnsafeImageError,
 )
-from cdi.image.formats import InspectionResult, StreamInspector
+from cdi.image.formats import POINTER_LIMIT, InspectionResult, StreamInspector
 from cdi.image.nbdkit import NbdkitServer, python_plugin_env
 from importer.archive import extract_tar, remove_created
 from importer.checksum import StreamHasher
@@ -62,11 +62,21 @@ from importer.feed import ChunkFeed, ReplayReader
 from importer.metrics import ImportProgress
 from importer.settings import ImporterSettings
 from importer.sources import Source, SourceInfo, open_source
-from importer.target import StreamWriter, TargetSpace, device_size, fsync_path, measure_target
+from importer.target import (
+    StreamWriter,
+    TargetSpace,
+    device_size,
+    fsync_path,
+    measure_target,
+    supports_direct_io,
+)
 
 log = logging.getLogger(__name__)
 
-HEAD_LIMIT = 16 << 20  # most decompressed bytes read before the inspector must decide
+# The inspector may need bytes as far in as a VHDX's metadata region (POINTER_LIMIT); the head
+# is kept to be written out once the route is known, in memory up to HEAD_IN_MEMORY, then on disk.
+HEAD_LIMIT = POINTER_LIMIT + (128 << 10)
+HEAD_IN_MEMORY = 8 << 20
 INSPECT_READ = 64 << 10
 COPY_BUFFER = 1 << 20
 WRAPPERS = frozenset({"gzip", "xz", "zstd", "bzip2", "tar"})
@@ -89,23 +99,26 @@ class _Outcome:
 
 
 class ChainReader(io.RawIOBase):
-    """The inspected head (already read) followed by the rest of the stream."""
+    """The inspected head (already read, kept in `head`) followed by the rest of the stream."""
 
-    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+    def __init__(self, head: IO[bytes], rest: BinaryIO) -> None:
         super().__init__()
-        self._head = memoryview(head)
+        self._head: IO[bytes] | None = head
         self._rest = rest
+        head.seek(0)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
         out = memoryview(buffer).cast("B")
-        if self._head:
-            n = min(len(out), len(self._head))
-            out[:n] = self._head[:n]
-            self._head = self._head[n:]
-            return n
+        if self._head is not None:
+            data = self._head.read(len(out))
+            if data:
+                out[: len(data)] = data
+                return len(data)
+            self._head.close()
+            self._head = None
         data = self._rest.read(len(out))
         out[: len(data)] = data
         return len(data)
@@ -290,15 +303,20 @@ class ImportRun:
         inner: BinaryIO = open_decompressed(raw_stream, compression) if compression else raw_stream
 
         inspector = StreamInspector(total_size=None if compression else info.size)
-        head = bytearray()
+        head = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - handed to ChainReader
+            max_size=HEAD_IN_MEMORY,
+            dir=str(s.paths.scratch_dir) if s.paths.has_scratch else None,
+        )
+        held = 0
         eof = False
-        while not inspector.complete and len(head) < HEAD_LIMIT:
+        while not inspector.complete and held < HEAD_LIMIT:
             chunk = inner.read(INSPECT_READ)
             if not chunk:
                 eof = True
                 break
             inspector.feed(chunk)
-            head += chunk
+            head.write(chunk)
+            held += len(chunk)
         result = inspector.result(eof=eof)
         log.info(
             "inspected format=%s virtual_size=%s compression=%s problems=%s bytes=%d",
@@ -306,9 +324,9 @@ class ImportRun:
             result.virtual_size,
             compression,
             ",".join(p.name for p in result.problems) or "none",
-            len(head),
+            held,
         )
-        rest = io.BufferedReader(ChainReader(bytes(head), inner), COPY_BUFFER)
+        rest = io.BufferedReader(ChainReader(head, inner), COPY_BUFFER)
 
         if s.content_type is ContentType.ARCHIVE:
             if result.format != "tar":
@@ -431,7 +449,7 @@ class ImportRun:
             str(space.path),
             src_fmt=fmt,
             src_is_uri=uri,
-            cache="none" if s.cache_mode_none else "writeback",
+            cache=self._cache_mode(space),
             out_of_order_writes=True,
             no_create=space.is_block,
             preallocation=preallocation,
@@ -439,6 +457,13 @@ class ImportRun:
             progress=on_progress,
         )
         self._preallocated = s.preallocation
+
+    def _cache_mode(self, space: TargetSpace) -> str:
+        """O_DIRECT where the target takes it: the data is durable when qemu-img exits, with no
+        flush tail and no page cache filled with a whole disk (measured faster here, too).
+        Elsewhere writeback, which flushes at the end, as CDI does."""
+        probe = space.path if space.is_block else space.path.parent
+        return "none" if supports_direct_io(probe) else "writeback"
 
     async def _resize(self, space: TargetSpace) -> None:
         if space.is_block:

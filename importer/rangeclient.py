@@ -496,8 +496,9 @@ class HttpTransport:
 
     Redirects are followed by hand so that every hop is checked: only http/https, never from https
     down to http, at most MAX_REDIRECTS, and an Authorization header is not sent to another origin
-    (what curl and requests do; a presigned target would also reject it). Proxies come from the
-    environment as curl reads them.
+    (what curl and requests do; a presigned target would also reject it). Redirects are followed
+    afresh on every request rather than cached: a presigned target may expire, the URL we were
+    given stays the source of truth. Proxies come from the environment as curl reads them.
     """
 
     def __init__(
@@ -526,7 +527,6 @@ class HttpTransport:
         self._headers["Accept-Encoding"] = "identity"
         self._url = url
         self._name = redact_url(url)
-        self._insecure = insecure
         self._pool_kw: dict[str, Any] = {
             "num_pools": 4,
             "maxsize": pool_size,

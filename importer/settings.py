@@ -75,6 +75,7 @@ class ImporterSettings:
     owner_uid: str = ""
     metrics_addr: str | None = ":8443"
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    # CDI's CACHE_MODE=TRYNONE (set after an OOM kill); we try O_DIRECT first anyway.
     cache_mode_none: bool = False
 
     @classmethod

@@ -1,1 +1,1 @@
-"""uploadproxy: the authenticated, streaming front door for uploads (arrives with the upload issue)."""
+"""uploadproxy: the authenticated streaming front door for uploads (arrives with its issue)."""

@@ -3,8 +3,9 @@
 Owns: `detect_compression` (magic bytes), `open_decompressed` (a file-like reader over a
 compressed file object) and `iter_decompressed` (the same over an iterable of chunks). Every
 read returns at most what was asked for, so memory stays bounded whatever the ratio: gzip
-(multi-member), xz and bzip2 come from the stdlib, zstd from the `zstandard` package, reading
-across concatenated frames. Corrupt or truncated data raises `FormatError` with a one-line
+(multi-member), xz and bzip2 (concatenated streams) use the stdlib, zstd the `zstandard`
+package reading across concatenated frames. Trailing garbage after the last stream is corrupt
+data, not something to skip. Corrupt or truncated data raises `FormatError` with a one-line
 message; errors of the underlying source pass through unchanged. Used by the format inspector
 and the importer; it never decides what the decompressed bytes are.
 """
@@ -17,7 +18,7 @@ import io
 import lzma
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, TYPE_CHECKING, BinaryIO, Final, Protocol, cast
 
 import zstandard
@@ -38,6 +39,8 @@ NAMES: Final = tuple(MAGIC)
 
 #: The decompressed bytes buffered between the decompressor and the caller.
 _BUFFER_SIZE: Final = 64 * 1024
+#: How much compressed input the xz and bzip2 readers pull from their source at a time.
+_READ_SIZE: Final = 64 * 1024
 #: How much compressed input the zstd reader pulls from its source at a time.
 _ZSTD_READ_SIZE: Final = 128 * 1024
 
@@ -108,6 +111,7 @@ class _ZstdFrames:
         self._skip = 0  # payload bytes to pass over
         self._state = "magic"
         self._checksum = False
+        self._header_size = 0
         self.frames = 0
 
     @property
@@ -174,6 +178,59 @@ class _ZstdFrames:
                 self.frames += 1
 
 
+class _Decompressor(Protocol):
+    """What lzma.LZMADecompressor and bz2.BZ2Decompressor have in common."""
+
+    @property
+    def eof(self) -> bool: ...
+    @property
+    def needs_input(self) -> bool: ...
+    @property
+    def unused_data(self) -> bytes: ...
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
+
+
+class _StreamsReader:
+    """Reads concatenated xz or bzip2 streams, each output bounded by the caller's buffer.
+
+    The stdlib's LZMAFile and BZ2File quietly drop anything after the last valid stream; an
+    image with trailing garbage is corrupt, so this reader refuses it instead.
+    """
+
+    def __init__(
+        self, source: _Source, factory: Callable[[], _Decompressor], *, zero_padding: bool
+    ) -> None:
+        self._source = source
+        self._factory = factory
+        self._zero_padding = zero_padding  # xz allows NUL padding between streams
+        self._decompressor = factory()
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        while True:
+            if self._decompressor.eof:
+                rest = self._decompressor.unused_data or self._source.read(_READ_SIZE)
+                if self._zero_padding:
+                    while rest and not rest.strip(b"\0"):
+                        rest = self._source.read(_READ_SIZE)
+                    rest = rest.lstrip(b"\0")
+                if not rest:
+                    return 0
+                self._decompressor = self._factory()
+            elif self._decompressor.needs_input:
+                rest = self._source.read(_READ_SIZE)
+                if not rest:
+                    raise EOFError("the data ends before the end-of-stream marker")
+            else:
+                rest = b""
+            data = self._decompressor.decompress(rest, len(buffer))
+            if data:
+                buffer[: len(data)] = data
+                return len(data)
+
+    def close(self) -> None:
+        pass
+
+
 class DecompressedReader(io.RawIOBase):
     """Reads the decompressed bytes of `raw`; see `open_decompressed`."""
 
@@ -189,9 +246,9 @@ class DecompressedReader(io.RawIOBase):
         if name == "gzip":
             self._inner = gzip.GzipFile(fileobj=self._source, mode="rb")
         elif name == "xz":
-            self._inner = lzma.LZMAFile(cast("IO[bytes]", self._source))  # noqa: SIM115
+            self._inner = _StreamsReader(self._source, lzma.LZMADecompressor, zero_padding=True)
         elif name == "bzip2":
-            self._inner = bz2.BZ2File(self._source)
+            self._inner = _StreamsReader(self._source, bz2.BZ2Decompressor, zero_padding=False)
         else:
             self._frames = self._source.observer = _ZstdFrames()
             self._inner = zstandard.ZstdDecompressor().stream_reader(

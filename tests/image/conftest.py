@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +81,22 @@ class ImageFactory:
     def stream_optimized(self, size: int, *, name: str = "stream.vmdk") -> Path:
         source = self.raw(size, name=f"{name}.src")
         return self.convert(source, "vmdk", name=name, options=["subformat=streamOptimized"])
+
+    def stream_optimized_with_footer(
+        self, size: int, *, name: str = "footer.vmdk", footer_capacity: int | None = None
+    ) -> Path:
+        """A streamOptimized VMDK laid out as VMware writes it: the header says "grain directory
+        at end" and a footer (marker, header copy, end-of-stream marker) closes the file."""
+        plain = self.stream_optimized(size, name=f"{name}.plain")
+        data = bytearray(plain.read_bytes())
+        footer = bytearray(data[:512])
+        if footer_capacity is not None:
+            struct.pack_into("<Q", footer, 12, footer_capacity)
+        struct.pack_into("<Q", data, 56, 0xFFFFFFFFFFFFFFFF)
+        marker = struct.pack("<QII", 1, 0, 3).ljust(512, b"\0")
+        path = self.path(name)
+        path.write_bytes(bytes(data) + marker + bytes(footer) + bytes(512))
+        return path
 
     def iso(self, *, name: str = "disk.iso") -> Path:
         """A real ISO 9660 image: genisoimage when installed, else a minimal one by hand."""

@@ -356,3 +356,33 @@ def test_success_message_is_cdi_json(bad_server: BadServer, box: Sandbox, base: 
         "preallocationApplied": False,
     }
     assert result.stdout.strip() == result.termination
+
+
+@pytest.mark.parametrize("variable", ["http_proxy", "HTTP_PROXY"])
+@pytest.mark.parametrize("wrapper", [None, "gzip"], ids=["nbd-route", "stream-route"])
+def test_proxy_from_the_environment(
+    bad_server: BadServer,
+    box: Sandbox,
+    base: Path,
+    tmp_path: Path,
+    variable: str,
+    wrapper: str | None,
+) -> None:
+    image = convert(base, tmp_path / "img.qcow2", "qcow2")
+    if wrapper:
+        image = compress(image, wrapper)
+    serve(bad_server, image)
+    # The host does not exist: only a proxy can answer for it.
+    url = f"http://images.example.invalid/{image.name}"
+    result = box.run(**http_env(url), **{variable: bad_server.base_url})
+    assert result.returncode == 0, result.stderr
+    assert same_image(base, box.disk)
+    targets = {r.target for r in bad_server.requests}
+    assert targets == {url}
+
+
+def test_no_proxy_is_honoured(bad_server: BadServer, box: Sandbox, base: Path) -> None:
+    url = serve(bad_server, base)
+    result = box.run(**http_env(url), http_proxy="http://127.0.0.1:9", no_proxy="127.0.0.1")
+    assert result.returncode == 0, result.stderr
+    assert same_image(base, box.disk)

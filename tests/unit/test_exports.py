@@ -4,6 +4,9 @@ import importlib
 
 import pytest
 
+from cdi.api import DataVolumePhase, PodPhase
+from cdi.api import annotations as ann
+
 
 @pytest.mark.parametrize("module_name", ["cdi.api", "cdi.image.formats"])
 def test_all_names_exist(module_name: str) -> None:
@@ -15,9 +18,6 @@ def test_all_names_exist(module_name: str) -> None:
 
 
 def test_api_enums_use_cdi_spelling() -> None:
-    from cdi.api import DataVolumePhase, PodPhase
-    from cdi.api import annotations as ann
-
     assert DataVolumePhase.IMPORT_IN_PROGRESS == "ImportInProgress"
     assert DataVolumePhase.WAIT_FOR_FIRST_CONSUMER == "WaitForFirstConsumer"
     assert PodPhase.SUCCEEDED == "Succeeded"

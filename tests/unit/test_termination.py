@@ -14,7 +14,9 @@ from cdi.api import (
 
 
 def test_success_json_uses_cdi_keys() -> None:
-    msg = TerminationMessage(message="Import Complete", preallocation_applied=True, labels={"a": "b"})
+    msg = TerminationMessage(
+        message="Import Complete", preallocation_applied=True, labels={"a": "b"}
+    )
     doc = json.loads(msg.to_json())
     assert doc == {"message": "Import Complete", "preallocationApplied": True, "labels": {"a": "b"}}
 
@@ -25,7 +27,9 @@ def test_scratch_required() -> None:
 
 
 def test_round_trip() -> None:
-    msg = TerminationMessage(message="Upload Complete", deadline_passed=False, preallocation_applied=False)
+    msg = TerminationMessage(
+        message="Upload Complete", deadline_passed=False, preallocation_applied=False
+    )
     assert TerminationMessage.from_json(msg.to_json()) == msg
 
 
@@ -40,7 +44,10 @@ def test_decoding_what_cdi_writes() -> None:
 
 def test_failure_is_one_line_text() -> None:
     text = "Unable to connect to http data source: expected status code 200, got 404\nstack trace"
-    assert decode(text, 1) == "Unable to connect to http data source: expected status code 200, got 404"
+    assert (
+        decode(text, 1)
+        == "Unable to connect to http data source: expected status code 200, got 404"
+    )
 
 
 def test_too_long_success_message_is_refused() -> None:

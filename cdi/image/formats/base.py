@@ -42,9 +42,11 @@ _MAX_ADVANCE_ROUNDS: Final = 256
 
 
 def printable(raw: bytes, limit: int = 80) -> str:
-    """Render attacker-controlled bytes for a one-line message: escaped, and cut at `limit`."""
-    text = raw.decode("utf-8", errors="backslashreplace")
-    text = text.encode("unicode_escape").decode("ascii")
+    """Attacker-controlled bytes as text for a one-line message: cut at `limit` characters.
+
+    Show it with `!r`, which escapes control characters (newlines, terminal escapes).
+    """
+    text = raw.decode("utf-8", errors="replace")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -369,8 +371,10 @@ class FormatInspector(abc.ABC):
             end.capture(position, chunk)
 
     def finish(self, *, eof: bool, stream_size: int | None) -> None:
+        """Prepare for a verdict; may run more than once (before and at the end of a stream)."""
         if stream_size is not None:
             self.known_size = stream_size
+        self.notes = []
         try:
             self.on_finish(eof=eof, stream_size=stream_size)
         except Exception as exc:
@@ -387,9 +391,7 @@ class FormatInspector(abc.ABC):
             if eof:
                 found.append(Problem("truncated", f"{self.NAME} image ends inside its {what}"))
             else:
-                found.append(
-                    Problem("truncated", f"{self.NAME} {what} not seen yet; inspection incomplete")
-                )
+                found.append(Problem("incomplete", f"{self.NAME} {what} not seen yet"))
         if self.matched and self.parsed:
             for check in self._checks:
                 problem = check()

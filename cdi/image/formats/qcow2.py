@@ -250,7 +250,8 @@ class Qcow2Inspector(FormatInspector):
         if header is None or not header["backing_file_offset"]:
             return
         offset, size = header["backing_file_offset"], header["backing_file_size"]
-        if size and offset >= after:
+        # qemu keeps the name inside the first cluster; only then is it worth reading to show.
+        if size and after <= offset and offset + size <= 1 << header["cluster_bits"]:
             self._backing_name = self.region(
                 "backing file name", offset, min(size, MAX_BACKING_NAME)
             )

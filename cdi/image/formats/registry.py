@@ -186,9 +186,10 @@ class StreamInspector:
         self._position += len(view)
 
     def result(self, *, eof: bool) -> InspectionResult:
-        """The verdict. Needs `complete`, or `eof=True` once the stream has ended."""
-        if not eof and not self._complete:
-            raise RuntimeError("inspection is not complete; feed more data or pass eof=True")
+        """The verdict: once `complete`, or with `eof=True` once the stream has ended.
+
+        Asked earlier, it fails closed: the result carries an `incomplete` problem.
+        """
         # A file's size is known up front; a stream's is what arrived, once it has ended.
         stream_size = self._total_size if self._random_access or not eof else self._end
         problems: list[Problem] = []
@@ -245,6 +246,14 @@ class StreamInspector:
             virtual_size = _qemu_raw_size(stream_size)
             if not eof:
                 notes.append("end of stream not seen: a fixed VHD footer was not looked for")
+        if not eof and not self._complete and not any(p.name == "incomplete" for p in problems):
+            problems.append(
+                Problem(
+                    "incomplete",
+                    f"inspection stopped after {self._end} bytes, before every format had "
+                    "the header bytes it needs",
+                )
+            )
         if virtual_size is not None and virtual_size > self._max_virtual_size:
             problems.append(
                 Problem(
@@ -275,7 +284,12 @@ class StreamInspector:
         if stop > self._next_needed:
             # Someone waits for bytes in this chunk; otherwise the chunk costs only the footers.
             self._active = [i for i in self._active if i.feed(position, view)]
-            self._tails = [i for i in self._inspectors if i.end_length]
+            tails = [i for i in self._inspectors if i.end_length]
+            for inspector in tails:
+                if inspector not in self._tails:
+                    # A footer buffer declared by this very chunk's header needs it too.
+                    inspector.feed_end(position, view)
+            self._tails = tails
             self._next_needed = min((i.next_needed for i in self._active), default=_NOWHERE)
             self._complete = not self._active
         self._end = max(self._end, stop)

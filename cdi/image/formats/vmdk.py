@@ -75,7 +75,15 @@ MAX_GTES_PER_GT: Final = 512
 MAX_L1_ENTRIES: Final = 512 * 1024 * 1024
 
 _TOP_LEVEL_KEYS: Final = frozenset(
-    {"version", "encoding", "CID", "parentCID", "createType", "isNativeSnapshot"}
+    {
+        "version",
+        "encoding",
+        "CID",
+        "parentCID",
+        "createType",
+        "isNativeSnapshot",
+        "parentFileNameHint",  # understood, and refused by the backing_file check
+    }
 )
 _KEY_LINE: Final = re.compile(r"([A-Za-z][A-Za-z0-9_.]*)\s*=\s*(.*?)\s*")
 _EXTENT_LINE: Final = re.compile(
@@ -446,7 +454,7 @@ class VmdkInspector(FormatInspector):
             return f"VMDK descriptor at sector {header['descriptor_offset']}, expected sector 1"
         if self._descriptor is not None and self._descriptor.bad_lines:
             shown = "; ".join(
-                printable(line.encode(), 60) for line in self._descriptor.bad_lines[:3]
+                repr(printable(line.encode(), 60)) for line in self._descriptor.bad_lines[:3]
             )
             return f"VMDK descriptor has lines that are not understood: {shown}"
         return None
@@ -457,7 +465,7 @@ class VmdkInspector(FormatInspector):
         if self._descriptor is not None:
             parent = self._descriptor.keys.get("parentCID", _NO_PARENT_CID).lower()
             if parent != _NO_PARENT_CID:
-                return f"VMDK descriptor has a parent (parentCID={printable(parent.encode())})"
+                return f"VMDK descriptor has a parent (parentCID={printable(parent.encode())!r})"
         return None
 
     def _check_version(self) -> str | None:
@@ -467,7 +475,7 @@ class VmdkInspector(FormatInspector):
         if self._descriptor is not None:
             version = self._descriptor.keys.get("version", "1")
             if version not in ("1", "2", "3"):
-                return f"VMDK descriptor version {printable(version.encode())} is not supported"
+                return f"VMDK descriptor version {printable(version.encode())!r} is not supported"
         return None
 
     def _check_compression(self) -> str | None:
