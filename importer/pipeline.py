@@ -491,15 +491,11 @@ def _read_up_to(reader: io.RawIOBase, size: int) -> bytes:
 
 
 def _copy(reader: io.BufferedReader[Any], writer: StreamWriter) -> int:
-    buf = bytearray(COPY_BUFFER)
-    view = memoryview(buf)
     total = 0
-    while True:
-        n = reader.readinto(view)
-        if not n:
-            return total
-        writer.write(view[:n])
-        total += n
+    while chunk := reader.read(COPY_BUFFER):  # fresh bytes each time: handed to the writer thread
+        writer.write(chunk)
+        total += len(chunk)
+    return total
 
 
 def _drain(stream: BinaryIO) -> None:
