@@ -10,7 +10,7 @@ import logging
 import sys
 
 from cdi import __version__
-from cdi.cli import image
+from cdi.cli import image, server
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     image.register(sub)
+    server.register(sub)
     return parser
 
 

@@ -1,0 +1,233 @@
+"""`cdi server`: the all-in-one control plane on one machine (embedded API over SQLite).
+
+Owns start-up: data dir, certificates, the admin token and kubeconfig, installing CDI's CRDs and
+the default namespaces, then serving until Ctrl-C. Settings are a typed dataclass printed by
+`--show-config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import json
+import logging
+import secrets
+import signal
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from cdi.kubeapi.app import ApiServer
+from cdi.kubeapi.auth import Authenticator
+from cdi.kubeapi.crds import load_crds
+from cdi.kubeapi.errors import AlreadyExists
+from cdi.kubeapi.gc import GarbageCollector
+from cdi.kubeapi.pki import ensure_pki
+from cdi.kubeapi.registry import CRD_KEY
+from cdi.kubeapi.store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "cdi")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    data_dir: Path = Path(".cdi")
+    """Where objects (api.db), certificates (pki/), the admin token and kubeconfig live."""
+    host: str = "127.0.0.1"
+    """Listen address; loopback by default: the all-in-one server is for this machine."""
+    port: int = 6443
+    """API port (kube-apiserver's usual one); 0 picks a free port."""
+    insecure_http: bool = False
+    """Serve plain HTTP instead of HTTPS (tests on loopback only)."""
+    token_file: Path | None = None
+    """Extra users: kube-apiserver's static token CSV (token,user,uid,"groups")."""
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "api.db"
+
+    @property
+    def kubeconfig_path(self) -> Path:
+        return self.data_dir / "kubeconfig"
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "server",
+        help="run the all-in-one server (embedded Kubernetes-compatible API)",
+        description=(
+            "Run the all-in-one server on this machine: a Kubernetes-compatible API with objects "
+            "in SQLite under --data-dir. Writes <data-dir>/kubeconfig for kubectl. Ctrl-C "
+            "stops it; a restart finds every object as it was."
+        ),
+    )
+    parser.add_argument("--data-dir", type=Path, default=ServerSettings.data_dir, help="[.cdi]")
+    parser.add_argument("--host", default=ServerSettings.host, help="listen address [127.0.0.1]")
+    parser.add_argument("--port", type=int, default=ServerSettings.port, help="API port [6443]")
+    parser.add_argument("--insecure-http", action="store_true", help="plain HTTP (tests only)")
+    parser.add_argument("--token-file", type=Path, help="static token CSV for more users")
+    parser.add_argument("--show-config", action="store_true", help="print the settings and exit")
+    parser.set_defaults(handler=run)
+
+
+def _settings(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
+        data_dir=args.data_dir,
+        host=args.host,
+        port=args.port,
+        insecure_http=args.insecure_http,
+        token_file=args.token_file,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.show_config:
+        print(
+            json.dumps(
+                {
+                    k: str(v) if isinstance(v, Path) else v
+                    for k, v in dataclasses.asdict(settings).items()
+                },
+                indent=2,
+            )
+        )
+        return 0
+    if settings.token_file is not None and not settings.token_file.exists():
+        print(f"cdi server: --token-file {settings.token_file}: no such file", file=sys.stderr)
+        return 1
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        asyncio.run(serve(settings))
+    except OSError as err:
+        print(
+            f"cdi server: cannot listen on {settings.host}:{settings.port}: {err.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def admin_token(data_dir: Path) -> str:
+    path = data_dir / "admin-token"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def write_kubeconfig(
+    settings: ServerSettings, server_url: str, token: str, ca: Path | None
+) -> None:
+    cluster: dict[str, Any] = {"server": server_url}
+    if ca is not None:
+        cluster["certificate-authority-data"] = base64.b64encode(ca.read_bytes()).decode()
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "cdi", "cluster": cluster}],
+        "users": [{"name": "admin", "user": {"token": token}}],
+        "contexts": [
+            {"name": "cdi", "context": {"cluster": "cdi", "user": "admin", "namespace": "default"}}
+        ],
+        "current-context": "cdi",
+    }
+    path = settings.kubeconfig_path
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    path.chmod(0o600)
+
+
+def install_defaults(store: Store) -> None:
+    for crd in load_crds():
+        name = crd["metadata"]["name"]
+        try:
+            current = store.get(CRD_KEY, "", name)
+        except Exception:
+            current = None
+        from cdi.kubeapi.crds import default_crd, established_status  # noqa: PLC0415
+
+        default_crd(crd)
+        crd["status"] = established_status(crd)
+        if current is None:
+            with contextlib.suppress(AlreadyExists):
+                store.create(CRD_KEY, crd, status_subresource=False)
+        elif current.get("spec") != crd.get("spec"):
+            crd["metadata"] = current["metadata"]
+            store.update(CRD_KEY, crd, status_subresource=False)
+    for ns in DEFAULT_NAMESPACES:
+        with contextlib.suppress(AlreadyExists):
+            store.create(
+                "namespaces",
+                {
+                    "apiVersion": "v1",
+                    "kind": "Namespace",
+                    "metadata": {"name": ns},
+                    "spec": {"finalizers": ["kubernetes"]},
+                    "status": {"phase": "Active"},
+                },
+                status_subresource=False,
+            )
+
+
+async def serve(
+    settings: ServerSettings,
+    *,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.db_path)
+    try:
+        install_defaults(store)
+        token = admin_token(settings.data_dir)
+        api = ApiServer(store, authenticator=Authenticator.from_files(token, settings.token_file))
+        runner = web.AppRunner(api.app(), access_log=None)
+        await runner.setup()
+        ssl_ctx = None
+        ca = None
+        if not settings.insecure_http:
+            ca, crt, key = ensure_pki(
+                settings.data_dir / "pki", [settings.host, "localhost", "127.0.0.1"]
+            )
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(crt, key)
+        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_ctx)
+        await site.start()
+        stop = stop or asyncio.Event()
+        gc = GarbageCollector(store, api.registry)
+        background = [asyncio.create_task(gc.run(stop), name="gc")]
+        port = runner.addresses[0][1]
+        scheme = "http" if settings.insecure_http else "https"
+        url = f"{scheme}://{settings.host}:{port}"
+        write_kubeconfig(settings, url, token, ca)
+        print(f"cdi server: API at {url}", flush=True)
+        print(
+            f"cdi server: kubeconfig {settings.kubeconfig_path.resolve()} "
+            f"(KUBECONFIG={settings.kubeconfig_path} kubectl get dv -A)",
+            flush=True,
+        )
+        print("cdi server: Ctrl-C stops it", flush=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        print("cdi server: stopping", flush=True)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await runner.cleanup()
+    finally:
+        store.close()

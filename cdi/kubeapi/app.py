@@ -1,0 +1,821 @@
+"""The embedded API server's HTTP layer: Kubernetes' REST protocol over the SQLite store.
+
+Routes discovery (/api, /apis, per group/version), resources (/api/v1/..., /apis/g/v/...,
+namespaced and cluster-scoped, with subresources status and log), list/watch, create, update,
+patch (merge, JSON, strategic for built-in kinds), delete with finalizers and propagation, Table
+output for `kubectl get`, authentication and RBAC, and SubjectAccessReviews. Errors leave as
+`Status` objects. Admission specific to CDI hooks in through `admission` callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Literal, cast
+
+import yaml
+from aiohttp import web
+
+from cdi import __version__
+from cdi.kubeapi import patch as patching
+from cdi.kubeapi.auth import Attributes, Authenticator, Authorizer, UserInfo, review
+from cdi.kubeapi.crds import default_crd, established_status, validate_crd
+from cdi.kubeapi.errors import (
+    ApiError,
+    BadRequest,
+    Forbidden,
+    Gone,
+    Invalid,
+    MethodNotAllowed,
+    NotFound,
+    StatusCause,
+    Unauthorized,
+)
+from cdi.kubeapi.registry import CRD_KEY, Registry, ResourceType, table_cells, table_columns
+from cdi.kubeapi.schema import FieldError, check_custom_resource, validate_object_name
+from cdi.kubeapi.store import Store
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+LogReader = Callable[[str, str, str | None], Awaitable[str]]
+USER_KEY = web.RequestKey("user", UserInfo)
+NAMESPACE_KEY = "namespaces"
+NAMESPACE_FINALIZER = "kubernetes"
+KUBE_VERSION = {
+    "major": "1",
+    "minor": "30",
+    "gitVersion": f"v1.30.0+cdi-py.{__version__}",
+    "gitCommit": "",
+    "gitTreeState": "clean",
+    "buildDate": "",
+    "goVersion": "",
+    "compiler": "python",
+    "platform": "linux/amd64",
+}
+DEFAULT_WATCH_SECONDS = 1800
+OPENAPI_V2_PROTOBUF = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
+BOOKMARK_SECONDS = 30.0
+REVIEW_KEYS = frozenset(
+    {"subjectaccessreviews.authorization.k8s.io", "selfsubjectaccessreviews.authorization.k8s.io"}
+)
+PUBLIC_PATHS = ("/healthz", "/livez", "/readyz", "/version")
+
+
+def _causes(errors: Iterable[FieldError]) -> list[StatusCause]:
+    return [StatusCause(reason=str(e.type), message=e.message, field=e.field) for e in errors]
+
+
+def _field_validation(mode: str) -> Literal["Ignore", "Warn", "Strict"]:
+    if mode in ("Ignore", "Warn", "Strict"):
+        return cast(Literal["Ignore", "Warn", "Strict"], mode)
+    return "Warn"
+
+
+def status_response(err: ApiError) -> web.Response:
+    return web.json_response(err.to_status(), status=err.code)
+
+
+def _wants_table(request: web.Request) -> bool:
+    accept = request.headers.get("Accept", "")
+    first = accept.split(",")[0]
+    return "as=Table" in first
+
+
+def _table(
+    rt: ResourceType, objs: list[Obj], rv: str, *, include: str, cont: str | None = None
+) -> Obj:
+    rows = []
+    for obj in objs:
+        if include == "Object":
+            embedded: Obj = obj
+        elif include == "None":
+            embedded = {}
+        else:
+            embedded = {
+                "kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": obj.get("metadata", {}),
+            }
+        row: Obj = {"cells": table_cells(rt, obj)}
+        if embedded:
+            row["object"] = embedded
+        rows.append(row)
+    meta: Obj = {"resourceVersion": rv}
+    if cont:
+        meta["continue"] = cont
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": meta,
+        "columnDefinitions": table_columns(rt),
+        "rows": rows,
+    }
+
+
+class ApiServer:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        authenticator: Authenticator,
+        log_reader: LogReader | None = None,
+        admission: list[Callable[[ResourceType, str, Obj, Obj | None], Obj]] | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = Registry()
+        self.authenticator = authenticator
+        self.authorizer = Authorizer(self._list_for_rbac)
+        self.log_reader = log_reader
+        self.admission = admission or []
+        self._reload_crds()
+
+    # --- plumbing ---------------------------------------------------------------------------
+    def _list_for_rbac(self, key: str, namespace: str | None) -> list[Obj]:
+        return self.store.list(key, namespace).items
+
+    def _reload_crds(self) -> None:
+        self.registry.reload(self.store.list(CRD_KEY).items)
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._errors, self._authenticate], client_max_size=64 << 20
+        )
+        app.router.add_get("/healthz", self._ok)
+        app.router.add_get("/livez", self._ok)
+        app.router.add_get("/readyz", self._ok)
+        app.router.add_get("/version", self._version)
+        app.router.add_get("/openapi/v2", self._openapi_v2)
+        app.router.add_get("/api", self._api)
+        app.router.add_get("/apis", self._apis)
+        app.router.add_route("*", "/api/{version}", self._core_group_version)
+        app.router.add_route("*", "/apis/{group}", self._group)
+        app.router.add_route("*", "/apis/{group}/{version}", self._group_version)
+        app.router.add_route("*", "/api/{version}/{rest:.+}", self._resource)
+        app.router.add_route("*", "/apis/{group}/{version}/{rest:.+}", self._resource)
+        app.router.add_route("*", "/{rest:.*}", self._not_found)
+        return app
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as err:
+            return status_response(err)
+        except web.HTTPException:
+            raise
+        except Exception as err:  # the edge: a Status, never a traceback
+            log.exception("internal error path=%s", request.path)
+            from cdi.kubeapi.errors import InternalError  # noqa: PLC0415
+
+            return status_response(InternalError(f"internal error: {err}"))
+
+    @web.middleware
+    async def _authenticate(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path in PUBLIC_PATHS:
+            return await handler(request)
+        user = self.authenticator.authenticate(request.headers.get("Authorization"))
+        if user is None:
+            raise Unauthorized("Unauthorized")
+        request[USER_KEY] = user
+        if not request.path.startswith(("/api/", "/apis/")) or request.path.count("/") <= 3:
+            ok, _ = self.authorizer.allowed(user, Attributes(verb="get", path=request.path))
+            if not ok:
+                raise Forbidden(f'forbidden: User "{user.name}" cannot get path "{request.path}"')
+        return await handler(request)
+
+    def _authorize(
+        self,
+        request: web.Request,
+        verb: str,
+        rt: ResourceType,
+        *,
+        namespace: str,
+        name: str,
+        sub: str,
+    ) -> None:
+        user = request[USER_KEY]
+        attrs = Attributes(
+            verb=verb,
+            group=rt.group,
+            resource=rt.plural,
+            subresource=sub,
+            namespace=namespace,
+            name=name,
+        )
+        ok, _ = self.authorizer.allowed(user, attrs)
+        if not ok:
+            what = rt.plural + (f"/{sub}" if sub else "")
+            qualified = f"{what}.{rt.group}" if rt.group else what
+            scope = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
+            named = f' "{name}"' if name else ""
+            raise Forbidden(
+                f'{qualified}{named} is forbidden: User "{user.name}" cannot {verb} '
+                f'resource "{rt.plural}"'
+                f'{f" with subresource {sub!r}" if sub else ""} in API group "{rt.group}"{scope}'
+            )
+
+    async def _ok(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response(KUBE_VERSION)
+
+    async def _openapi_v2(self, request: web.Request) -> web.Response:
+        """An OpenAPI v2 document with no definitions: kubectl's client-side validation then
+        skips every kind (as it does for CRDs without schema) and leaves checking to us; custom
+        resources are validated here against their CRD schema."""
+        if "protobuf" in request.headers.get("Accept", ""):
+            # protobuf Document{swagger: "2.0"}: field 1, length-delimited, 3 bytes.
+            return web.Response(body=b"\x0a\x032.0", content_type=OPENAPI_V2_PROTOBUF)
+        return web.json_response(
+            {
+                "swagger": "2.0",
+                "info": {"title": "cdi-py", "version": KUBE_VERSION["gitVersion"]},
+                "paths": {},
+                "definitions": {},
+            }
+        )
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        return status_response(
+            NotFound(f"the server could not find the requested resource ({request.path})")
+        )
+
+    # --- discovery --------------------------------------------------------------------------
+    async def _api(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [
+                    {"clientCIDR": "0.0.0.0/0", "serverAddress": request.host}
+                ],
+            }
+        )
+
+    def _group_doc(self, group: str, versions: list[str]) -> Obj:
+        entries = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
+        return {"name": group, "versions": entries, "preferredVersion": entries[0]}
+
+    async def _apis(self, request: web.Request) -> web.Response:
+        groups = [self._group_doc(g, vs) for g, vs in sorted(self.registry.groups().items()) if g]
+        return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+
+    async def _group(self, request: web.Request) -> web.Response:
+        group = request.match_info["group"]
+        versions = self.registry.groups().get(group)
+        if not versions:
+            raise NotFound(f"the server could not find the requested resource (group {group})")
+        return web.json_response(
+            {"kind": "APIGroup", "apiVersion": "v1", **self._group_doc(group, versions)}
+        )
+
+    def _resource_list(self, group: str, version: str) -> web.Response:
+        types = self.registry.in_group_version(group, version)
+        if not types:
+            raise NotFound(f"the server could not find the requested resource ({group}/{version})")
+        resources = [entry for t in types for entry in t.discovery()]
+        gv = f"{group}/{version}" if group else version
+        return web.json_response(
+            {
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": gv,
+                "resources": resources,
+            }
+        )
+
+    async def _core_group_version(self, request: web.Request) -> web.Response:
+        return self._resource_list("", request.match_info["version"])
+
+    async def _group_version(self, request: web.Request) -> web.Response:
+        return self._resource_list(request.match_info["group"], request.match_info["version"])
+
+    # --- resources --------------------------------------------------------------------------
+    def _route(self, request: web.Request) -> tuple[ResourceType, str, str, str]:
+        """(type, namespace, name, subresource) from the URL."""
+        group = request.match_info.get("group", "")
+        version = request.match_info["version"]
+        parts = [p for p in request.match_info["rest"].split("/") if p]
+        namespace = ""
+        if parts[0] == "namespaces" and len(parts) >= 3:
+            candidate = self.registry.get(group, version, parts[2])
+            if candidate is not None and candidate.namespaced:
+                namespace = parts[1]
+                parts = parts[2:]
+        rt = self.registry.get(group, version, parts[0])
+        if rt is None:
+            raise NotFound(f"the server could not find the requested resource ({request.path})")
+        name = parts[1] if len(parts) > 1 else ""
+        sub = parts[2] if len(parts) > 2 else ""
+        if len(parts) > 3 or (sub and sub not in rt.subresources):
+            raise NotFound(f"the server could not find the requested resource ({request.path})")
+        if rt.namespaced and name and not namespace:
+            raise NotFound(f"the server could not find the requested resource ({request.path})")
+        return rt, namespace, name, sub
+
+    def _present(self, rt: ResourceType, obj: Obj) -> Obj:
+        """The object as this version serves it (custom resources convert by apiVersion alone)."""
+        obj["apiVersion"] = rt.api_version
+        obj["kind"] = rt.kind
+        return obj
+
+    def _json(
+        self,
+        request: web.Request,
+        rt: ResourceType,
+        body: Obj,
+        status: int = 200,
+        warnings: tuple[str, ...] = (),
+    ) -> web.Response:
+        headers = {}
+        notes = list(warnings)
+        if rt.deprecation_warning:
+            notes.append(rt.deprecation_warning)
+        if notes:
+            headers["Warning"] = ", ".join(f'299 - "{w}"' for w in notes)
+        return web.json_response(body, status=status, headers=headers)
+
+    async def _resource(self, request: web.Request) -> web.StreamResponse:
+        rt, namespace, name, sub = self._route(request)
+        method = request.method
+        if method == "GET":
+            if not name:
+                verb = "watch" if request.query.get("watch") in ("true", "1") else "list"
+                self._authorize(request, verb, rt, namespace=namespace, name="", sub="")
+                if verb == "watch":
+                    return await self._watch(request, rt, namespace)
+                return await self._list(request, rt, namespace)
+            self._authorize(request, "get", rt, namespace=namespace, name=name, sub=sub)
+            if sub == "log":
+                return await self._log(request, namespace, name)
+            obj = await asyncio.to_thread(self.store.get, rt.key, namespace, name)
+            if _wants_table(request):
+                return web.json_response(
+                    _table(
+                        rt,
+                        [obj],
+                        obj["metadata"]["resourceVersion"],
+                        include=request.query.get("includeObject", "Metadata"),
+                    )
+                )
+            return self._json(request, rt, self._present(rt, obj))
+        if method == "POST" and not name:
+            self._authorize(request, "create", rt, namespace=namespace, name="", sub="")
+            return await self._create(request, rt, namespace)
+        if method == "PUT" and name:
+            self._authorize(request, "update", rt, namespace=namespace, name=name, sub=sub)
+            return await self._update(request, rt, namespace, name, sub)
+        if method == "PATCH" and name:
+            self._authorize(request, "patch", rt, namespace=namespace, name=name, sub=sub)
+            return await self._patch(request, rt, namespace, name, sub)
+        if method == "DELETE":
+            if not name:
+                self._authorize(
+                    request, "deletecollection", rt, namespace=namespace, name="", sub=""
+                )
+                return await self._delete_collection(request, rt, namespace)
+            self._authorize(request, "delete", rt, namespace=namespace, name=name, sub="")
+            return await self._delete(request, rt, namespace, name)
+        raise MethodNotAllowed(
+            f"the server does not allow this method on the requested resource ({method})"
+        )
+
+    async def _body(self, request: web.Request) -> Any:
+        raw = await request.read()
+        ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
+        try:
+            if "yaml" in ctype:
+                return yaml.safe_load(raw)
+            return json.loads(raw)
+        except (ValueError, yaml.YAMLError) as err:
+            raise BadRequest(
+                f"the request body is not valid {'YAML' if 'yaml' in ctype else 'JSON'}: {err}"
+            ) from None
+
+    async def _list(self, request: web.Request, rt: ResourceType, namespace: str) -> web.Response:
+        q = request.query
+        limit = int(q["limit"]) if q.get("limit", "").isdigit() and int(q["limit"]) > 0 else None
+        result = await asyncio.to_thread(
+            self.store.list,
+            rt.key,
+            namespace or None,
+            label_selector=q.get("labelSelector"),
+            field_selector=q.get("fieldSelector"),
+            limit=limit,
+            continue_token=q.get("continue") or None,
+        )
+        if _wants_table(request):
+            return web.json_response(
+                _table(
+                    rt,
+                    result.items,
+                    result.resource_version,
+                    include=q.get("includeObject", "Metadata"),
+                    cont=result.continue_token,
+                )
+            )
+        meta: Obj = {"resourceVersion": result.resource_version}
+        if result.continue_token:
+            meta["continue"] = result.continue_token
+        items = [self._present(rt, o) for o in result.items]
+        return self._json(
+            request,
+            rt,
+            {
+                "kind": f"{rt.kind}List",
+                "apiVersion": rt.api_version,
+                "metadata": meta,
+                "items": items,
+            },
+        )
+
+    async def _watch(
+        self, request: web.Request, rt: ResourceType, namespace: str
+    ) -> web.StreamResponse:
+        q = request.query
+        rv = q.get("resourceVersion") or ""
+        timeout = (
+            int(q["timeoutSeconds"])
+            if q.get("timeoutSeconds", "").isdigit()
+            else DEFAULT_WATCH_SECONDS
+        )
+        bookmarks = q.get("allowWatchBookmarks") in ("true", "1")
+        initial: list[Obj] = []
+        since: str | None = rv if rv not in ("", "0") else None
+        if since is None:
+            # "Start at most recent": the current objects arrive as ADDED events first.
+            result = await asyncio.to_thread(
+                self.store.list,
+                rt.key,
+                namespace or None,
+                label_selector=q.get("labelSelector"),
+                field_selector=q.get("fieldSelector"),
+            )
+            initial = result.items
+            since = result.resource_version
+        try:
+            sub = self.store.subscribe(
+                rt.key,
+                namespace or None,
+                since_rv=since,
+                label_selector=q.get("labelSelector"),
+                field_selector=q.get("fieldSelector"),
+            )
+        except Gone as err:
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await resp.prepare(request)
+            await resp.write(
+                json.dumps({"type": "ERROR", "object": err.to_status()}).encode() + b"\n"
+            )
+            return resp
+        as_table = _wants_table(request)
+        include = q.get("includeObject", "Metadata")
+
+        def encode(kind: str, obj: Obj) -> bytes:
+            shown = self._present(rt, obj)
+            if as_table:  # kubectl get -w asked for rows, one Table per event
+                rv = str(obj["metadata"].get("resourceVersion", ""))
+                shown = _table(rt, [shown], rv, include=include)
+            return json.dumps({"type": kind, "object": shown}).encode() + b"\n"
+
+        resp = web.StreamResponse(
+            headers={"Content-Type": "application/json", "Cache-Control": "no-cache"}
+        )
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        deadline = time.monotonic() + timeout
+        try:
+            for obj in initial:
+                await resp.write(encode("ADDED", obj))
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    event = await asyncio.wait_for(
+                        sub.get(), timeout=min(remaining, BOOKMARK_SECONDS)
+                    )
+                except TimeoutError:
+                    if bookmarks:
+                        mark = {
+                            "kind": rt.kind,
+                            "apiVersion": rt.api_version,
+                            "metadata": {"resourceVersion": str(sub.bookmark_rv)},
+                        }
+                        await resp.write(
+                            json.dumps({"type": "BOOKMARK", "object": mark}).encode() + b"\n"
+                        )
+                    continue
+                if event is None:
+                    if sub.overflowed:
+                        gone = Gone(f"watch fell behind; resume from resourceVersion {sub.last_rv}")
+                        await resp.write(
+                            json.dumps({"type": "ERROR", "object": gone.to_status()}).encode()
+                            + b"\n"
+                        )
+                    break
+                wire = event.to_wire()
+                await resp.write(encode(wire["type"], wire["object"]))
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            sub.close()
+        with contextlib.suppress(ConnectionResetError):
+            await resp.write_eof()
+        return resp
+
+    async def _log(self, request: web.Request, namespace: str, name: str) -> web.Response:
+        await asyncio.to_thread(self.store.get, "pods", namespace, name)
+        if self.log_reader is None:
+            raise NotFound(f'pods "{name}" has no logs on this server')
+        text = await self.log_reader(namespace, name, request.query.get("container"))
+        tail = request.query.get("tailLines")
+        if tail and tail.isdigit():
+            text = "".join(text.splitlines(keepends=True)[-int(tail) :])
+        return web.Response(text=text, content_type="text/plain")
+
+    # --- writes -------------------------------------------------------------------------------
+    def _check_kind(self, rt: ResourceType, obj: Any) -> Obj:
+        if not isinstance(obj, dict):
+            raise BadRequest("the request body must be a JSON object")
+        api_version = obj.get("apiVersion")
+        kind = obj.get("kind")
+        if (
+            api_version
+            and api_version != rt.api_version
+            and not (rt.custom and str(api_version).startswith(rt.group + "/"))
+        ):
+            raise BadRequest(
+                f"the API version in the data ({api_version}) does not match the expected "
+                f"API version ({rt.api_version})"
+            )
+        if kind and kind != rt.kind:
+            raise BadRequest(
+                f"the kind in the data ({kind}) does not match the expected kind ({rt.kind})"
+            )
+        obj["apiVersion"] = rt.api_version
+        obj["kind"] = rt.kind
+        obj.setdefault("metadata", {})
+        if not isinstance(obj["metadata"], dict):
+            raise BadRequest("metadata must be an object")
+        return obj
+
+    def _validate(
+        self, request: web.Request, rt: ResourceType, obj: Obj, old: Obj | None
+    ) -> tuple[str, ...]:
+        """Name, schema (custom resources) and per-kind rules; returns warnings."""
+        name = obj["metadata"].get("name")
+        errors = validate_object_name(name, label=rt.plural == NAMESPACE_KEY)
+        if errors:
+            raise Invalid.of(rt.kind, str(name or ""), _causes(errors), group=rt.group)
+        warnings: tuple[str, ...] = ()
+        if rt.custom and rt.schema is not None:
+            mode = request.query.get("fieldValidation", "Warn")
+            result = check_custom_resource(obj, rt.schema, field_validation=_field_validation(mode))
+            if result.strict_error:
+                raise BadRequest(result.strict_error)
+            if result.errors:
+                raise Invalid.of(rt.kind, str(name), _causes(result.errors), group=rt.group)
+            warnings = result.warnings
+        if rt.key == CRD_KEY:
+            default_crd(obj)
+            errors = validate_crd(obj)
+            if errors:
+                raise Invalid.of(rt.kind, str(name), _causes(errors), group=rt.group)
+        for hook in self.admission:
+            obj = hook(rt, request.method, obj, old)
+        return warnings
+
+    def _defaults(self, rt: ResourceType, obj: Obj) -> None:
+        if rt.plural == NAMESPACE_KEY and rt.group == "":
+            obj.setdefault("spec", {}).setdefault("finalizers", [NAMESPACE_FINALIZER])
+            obj["status"] = {"phase": "Active"}
+        elif rt.plural == "pods" and rt.group == "":
+            obj["status"] = {"phase": "Pending"}
+            spec = obj.setdefault("spec", {})
+            spec.setdefault("restartPolicy", "Always")
+            for container in spec.get("containers") or []:
+                container.setdefault("terminationMessagePath", "/dev/termination-log")
+                container.setdefault("terminationMessagePolicy", "File")
+        elif rt.plural == "persistentvolumeclaims" and rt.group == "":
+            obj["status"] = {"phase": "Pending"}
+            obj.setdefault("spec", {}).setdefault("volumeMode", "Filesystem")
+        elif rt.plural == "persistentvolumes" and rt.group == "":
+            obj["status"] = {"phase": "Pending"}
+            spec = obj.setdefault("spec", {})
+            spec.setdefault("persistentVolumeReclaimPolicy", "Retain")
+            spec.setdefault("volumeMode", "Filesystem")
+        elif rt.plural == "secrets" and rt.group == "":
+            obj.setdefault("type", "Opaque")
+        elif rt.key == CRD_KEY:
+            obj["status"] = established_status(obj)
+
+    async def _namespace_ready(self, namespace: str) -> None:
+        if not namespace:
+            return
+        try:
+            ns = await asyncio.to_thread(self.store.get, NAMESPACE_KEY, "", namespace)
+        except NotFound:
+            raise NotFound(f'namespaces "{namespace}" not found') from None
+        if ns["metadata"].get("deletionTimestamp"):
+            raise Forbidden(
+                f"unable to create new content in namespace {namespace} because it is being "
+                "terminated"
+            )
+
+    async def _create(self, request: web.Request, rt: ResourceType, namespace: str) -> web.Response:
+        obj = self._check_kind(rt, await self._body(request))
+        meta = obj["metadata"]
+        if rt.namespaced:
+            body_ns = meta.get("namespace")
+            if body_ns and body_ns != namespace:
+                raise BadRequest(
+                    "the namespace of the provided object does not match the namespace sent on "
+                    "the request"
+                )
+            meta["namespace"] = namespace
+        else:
+            meta.pop("namespace", None)
+        if rt.key in REVIEW_KEYS:
+            return self._access_review(request, rt, obj)
+        await self._namespace_ready(namespace)
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = (
+                meta["generateName"] + "xxxxx"
+            )  # validated only; the store picks the suffix
+            probe = dict(obj)
+            probe["metadata"] = dict(meta)
+            self._validate(request, rt, probe, None)
+            meta.pop("name")
+            warnings: tuple[str, ...] = ()
+        else:
+            warnings = self._validate(request, rt, obj, None)
+        self._defaults(rt, obj)
+        if request.query.get("dryRun") == "All":
+            return self._json(request, rt, obj, 201, warnings)
+        created = await asyncio.to_thread(
+            self.store.create,
+            rt.key,
+            obj,
+            status_subresource=rt.status_subresource
+            and rt.plural
+            not in (
+                "pods",
+                "persistentvolumeclaims",
+                "persistentvolumes",
+                "namespaces",
+                "customresourcedefinitions",
+            ),
+        )
+        if rt.key == CRD_KEY:
+            self._reload_crds()
+        return self._json(request, rt, self._present(rt, created), 201, warnings)
+
+    def _access_review(self, request: web.Request, rt: ResourceType, obj: Obj) -> web.Response:
+        spec = obj.get("spec") or {}
+        if rt.plural == "selfsubjectaccessreviews":
+            user: UserInfo = request[USER_KEY]
+            spec = {**spec, "user": user.name, "groups": list(user.groups)}
+        obj["status"] = review(self.authorizer, spec)
+        return web.json_response(obj, status=201)
+
+    async def _update(
+        self, request: web.Request, rt: ResourceType, namespace: str, name: str, sub: str
+    ) -> web.Response:
+        obj = self._check_kind(rt, await self._body(request))
+        meta = obj["metadata"]
+        if meta.get("name") and meta["name"] != name:
+            raise BadRequest("the name of the object does not match the name on the URL")
+        meta["name"] = name
+        if rt.namespaced:
+            meta["namespace"] = namespace
+        old = await asyncio.to_thread(self.store.get, rt.key, namespace, name)
+        warnings = self._validate(request, rt, obj, old)
+        updated = await asyncio.to_thread(
+            self.store.update,
+            rt.key,
+            obj,
+            subresource="status" if sub == "status" else None,
+            status_subresource=rt.status_subresource,
+        )
+        if rt.key == CRD_KEY:
+            self._reload_crds()
+        return self._json(request, rt, self._present(rt, updated), 200, warnings)
+
+    async def _patch(
+        self, request: web.Request, rt: ResourceType, namespace: str, name: str, sub: str
+    ) -> web.Response:
+        body = await request.read()
+        ctype = request.headers.get("Content-Type", "")
+        try:
+            patch_doc = json.loads(body)
+        except ValueError as err:
+            raise BadRequest(f"the patch is not valid JSON: {err}") from None
+        warnings: list[str] = []
+
+        def mutate(current: Obj) -> Obj:
+            result = patching.apply_patch(current, ctype, patch_doc, resource=rt.key)
+            result = self._check_kind(rt, result)
+            result["metadata"]["name"] = name
+            if rt.namespaced:
+                result["metadata"]["namespace"] = namespace
+            warnings.extend(self._validate(request, rt, result, current))
+            return result
+
+        updated = await asyncio.to_thread(
+            self.store.modify,
+            rt.key,
+            namespace,
+            name,
+            mutate,
+            subresource="status" if sub == "status" else None,
+            status_subresource=rt.status_subresource,
+        )
+        if rt.key == CRD_KEY:
+            self._reload_crds()
+        return self._json(request, rt, self._present(rt, updated), 200, tuple(warnings))
+
+    async def _delete_options(self, request: web.Request) -> Obj:
+        raw = await request.read()
+        options: Obj = {}
+        if raw.strip():
+            try:
+                options = json.loads(raw)
+            except ValueError as err:
+                raise BadRequest(f"the delete options are not valid JSON: {err}") from None
+        if "propagationPolicy" in request.query:
+            options["propagationPolicy"] = request.query["propagationPolicy"]
+        if "gracePeriodSeconds" in request.query:
+            options["gracePeriodSeconds"] = int(request.query["gracePeriodSeconds"])
+        return options
+
+    async def _delete(
+        self, request: web.Request, rt: ResourceType, namespace: str, name: str
+    ) -> web.Response:
+        options = await self._delete_options(request)
+        policy = options.get("propagationPolicy") or (
+            "Orphan" if options.get("orphanDependents") else "Background"
+        )
+        finalizers = {"Foreground": ("foregroundDeletion",), "Orphan": ("orphan",)}.get(policy, ())
+        if rt.plural == NAMESPACE_KEY and rt.group == "":
+            finalizers = (*finalizers, NAMESPACE_FINALIZER)
+        pre = options.get("preconditions") or {}
+        result = await asyncio.to_thread(
+            self.store.delete,
+            rt.key,
+            namespace,
+            name,
+            precondition_uid=pre.get("uid"),
+            precondition_rv=pre.get("resourceVersion"),
+            add_finalizers=finalizers,
+        )
+        if rt.key == CRD_KEY:
+            self._reload_crds()
+        if not result.deleted:
+            return self._json(request, rt, self._present(rt, result.object), 202)
+        md = result.object.get("metadata", {})
+        return web.json_response(
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Success",
+                "details": {
+                    "name": name,
+                    "group": rt.group,
+                    "kind": rt.plural,
+                    "uid": md.get("uid"),
+                },
+            }
+        )
+
+    async def _delete_collection(
+        self, request: web.Request, rt: ResourceType, namespace: str
+    ) -> web.Response:
+        q = request.query
+        result = await asyncio.to_thread(
+            self.store.list,
+            rt.key,
+            namespace or None,
+            label_selector=q.get("labelSelector"),
+            field_selector=q.get("fieldSelector"),
+        )
+        for obj in result.items:
+            md = obj["metadata"]
+            with contextlib.suppress(NotFound):
+                await asyncio.to_thread(
+                    self.store.delete, rt.key, md.get("namespace", ""), md["name"]
+                )
+        return web.json_response(
+            {"kind": f"{rt.kind}List", "apiVersion": rt.api_version, "metadata": {}, "items": []}
+        )
