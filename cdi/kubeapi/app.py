@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import yaml
 from aiohttp import web
@@ -40,6 +40,7 @@ from cdi.kubeapi.schema import FieldError, check_custom_resource, validate_objec
 from cdi.kubeapi.store import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Obj = dict[str, Any]
 LogReader = Callable[[str, str, str | None], Awaitable[str]]
@@ -58,6 +59,7 @@ KUBE_VERSION = {
     "platform": "linux/amd64",
 }
 DEFAULT_WATCH_SECONDS = 1800
+ENCODED_EVENTS_KEPT = 4096
 OPENAPI_V2_PROTOBUF = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
 BOOKMARK_SECONDS = 30.0
 REVIEW_KEYS = frozenset(
@@ -132,9 +134,17 @@ class ApiServer:
         self.authorizer = Authorizer(self._list_for_rbac)
         self.log_reader = log_reader
         self.admission = admission or []
+        self._encoded: dict[tuple[str, str, str, str, bool, str], bytes] = {}
         self._reload_crds()
 
     # --- plumbing ---------------------------------------------------------------------------
+    @staticmethod
+    def _sync(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a single-object store call on the event loop. Measured: a WAL write takes well
+        under a millisecond, less than the two thread hops of to_thread and without their
+        GIL hand-offs; lists, which can be long, still go to a thread."""
+        return fn(*args, **kwargs)
+
     def _list_for_rbac(self, key: str, namespace: str | None) -> list[Obj]:
         return self.store.list(key, namespace).items
 
@@ -358,7 +368,7 @@ class ApiServer:
             self._authorize(request, "get", rt, namespace=namespace, name=name, sub=sub)
             if sub == "log":
                 return await self._log(request, namespace, name)
-            obj = await asyncio.to_thread(self.store.get, rt.key, namespace, name)
+            obj = self._sync(self.store.get, rt.key, namespace, name)
             if _wants_table(request):
                 return web.json_response(
                     _table(
@@ -482,11 +492,20 @@ class ApiServer:
         include = q.get("includeObject", "Metadata")
 
         def encode(kind: str, obj: Obj) -> bytes:
-            shown = self._present(rt, obj)
+            rv = str(obj["metadata"].get("resourceVersion", ""))
+            # Every watcher of a kind gets the same bytes for an event: encode it once.
+            memo_key = (kind, rv, rt.api_version, rt.plural, as_table, include)
+            if (cached := self._encoded.get(memo_key)) is not None:
+                return cached
+            shown = self._present(rt, dict(obj))
             if as_table:  # kubectl get -w asked for rows, one Table per event
-                rv = str(obj["metadata"].get("resourceVersion", ""))
                 shown = _table(rt, [shown], rv, include=include)
-            return json.dumps({"type": kind, "object": shown}).encode() + b"\n"
+            data = json.dumps({"type": kind, "object": shown}).encode() + b"\n"
+            if kind != "ADDED" or since is not None:
+                self._encoded[memo_key] = data
+                while len(self._encoded) > ENCODED_EVENTS_KEPT:
+                    self._encoded.pop(next(iter(self._encoded)))
+            return data
 
         resp = web.StreamResponse(
             headers={"Content-Type": "application/json", "Cache-Control": "no-cache"}
@@ -535,7 +554,7 @@ class ApiServer:
         return resp
 
     async def _log(self, request: web.Request, namespace: str, name: str) -> web.Response:
-        await asyncio.to_thread(self.store.get, "pods", namespace, name)
+        self._sync(self.store.get, "pods", namespace, name)
         if self.log_reader is None:
             raise NotFound(f'pods "{name}" has no logs on this server')
         text = await self.log_reader(namespace, name, request.query.get("container"))
@@ -624,7 +643,7 @@ class ApiServer:
         if not namespace:
             return
         try:
-            ns = await asyncio.to_thread(self.store.get, NAMESPACE_KEY, "", namespace)
+            ns = self._sync(self.store.get, NAMESPACE_KEY, "", namespace)
         except NotFound:
             raise NotFound(f'namespaces "{namespace}" not found') from None
         if ns["metadata"].get("deletionTimestamp"):
@@ -663,7 +682,7 @@ class ApiServer:
         self._defaults(rt, obj)
         if request.query.get("dryRun") == "All":
             return self._json(request, rt, obj, 201, warnings)
-        created = await asyncio.to_thread(
+        created = self._sync(
             self.store.create,
             rt.key,
             obj,
@@ -699,9 +718,9 @@ class ApiServer:
         meta["name"] = name
         if rt.namespaced:
             meta["namespace"] = namespace
-        old = await asyncio.to_thread(self.store.get, rt.key, namespace, name)
+        old = self._sync(self.store.get, rt.key, namespace, name)
         warnings = self._validate(request, rt, obj, old)
-        updated = await asyncio.to_thread(
+        updated = self._sync(
             self.store.update,
             rt.key,
             obj,
@@ -732,7 +751,7 @@ class ApiServer:
             warnings.extend(self._validate(request, rt, result, current))
             return result
 
-        updated = await asyncio.to_thread(
+        updated = self._sync(
             self.store.modify,
             rt.key,
             namespace,
@@ -770,7 +789,7 @@ class ApiServer:
         if rt.plural == NAMESPACE_KEY and rt.group == "":
             finalizers = (*finalizers, NAMESPACE_FINALIZER)
         pre = options.get("preconditions") or {}
-        result = await asyncio.to_thread(
+        result = self._sync(
             self.store.delete,
             rt.key,
             namespace,
@@ -813,9 +832,7 @@ class ApiServer:
         for obj in result.items:
             md = obj["metadata"]
             with contextlib.suppress(NotFound):
-                await asyncio.to_thread(
-                    self.store.delete, rt.key, md.get("namespace", ""), md["name"]
-                )
+                self._sync(self.store.delete, rt.key, md.get("namespace", ""), md["name"])
         return web.json_response(
             {"kind": f"{rt.kind}List", "apiVersion": rt.api_version, "metadata": {}, "items": []}
         )
