@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG: Final = 1
 _PROC: Final = Path("/proc")
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
+#: Seconds `kill` waits for the rest of a session to die after SIGKILL (normally microseconds;
+#: a process in uninterruptible sleep takes until its I/O returns).
+LEFTOVER_WAIT: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +101,7 @@ async def spawn(
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,
         close_fds=True,
-        preexec_fn=_preexec(limits, os.getpid()),  # noqa: PLW1509 - see the module docstring
+        preexec_fn=_preexec(limits, os.getpid()),  # safe as written: see the module docstring
     )
 
 
@@ -112,10 +115,12 @@ def _stat_fields(pid: str) -> list[str] | None:
     return raw[raw.rfind(b")") + 2 :].decode().split()
 
 
-def session_members(sid: int) -> list[int]:
+def session_members(sid: int, *, zombies: bool = True) -> list[int]:
+    """Processes in session `sid` (without `zombies`: only those not yet dead)."""
     members = []
     for entry in os.listdir(_PROC):
-        if entry.isdigit() and (fields := _stat_fields(entry)) and int(fields[3]) == sid:
+        fields = _stat_fields(entry) if entry.isdigit() else None
+        if fields and int(fields[3]) == sid and (zombies or fields[0] != "Z"):
             members.append(int(entry))
     return members
 
@@ -152,9 +157,17 @@ async def terminate(proc: asyncio.subprocess.Process, *, grace: float) -> None:
 
 
 async def kill(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL the process's session and reap the leader."""
+    """SIGKILL the process's session, reap the leader, and return once no process of the
+    session is alive (bounded: `LEFTOVER_WAIT`)."""
     if proc.returncode is None:
         signal_session(proc.pid, signal.SIGKILL)
         await proc.wait()
-    # Children that outlived the leader (daemonized, or just slower to die) go too.
-    signal_session(proc.pid, signal.SIGKILL)
+    # Children that outlived the leader (daemonized, or just slower to die) go too. They are
+    # not ours to reap (init is their parent now), but they are dead when this returns.
+    deadline = asyncio.get_running_loop().time() + LEFTOVER_WAIT
+    while left := session_members(proc.pid, zombies=False):
+        signal_session(proc.pid, signal.SIGKILL)
+        if asyncio.get_running_loop().time() > deadline:
+            log.warning("session %d: processes still alive after SIGKILL pids=%s", proc.pid, left)
+            return
+        await asyncio.sleep(0.01)

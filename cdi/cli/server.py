@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import secrets
@@ -25,14 +26,18 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from cdi.agent import ContainerRequired, LogNotFound, read_log, run_agent
+from cdi.kube.client import Client
+from cdi.kube.config import load_kubeconfig
 from cdi.kubeapi.app import ApiServer
 from cdi.kubeapi.auth import Authenticator
 from cdi.kubeapi.crds import load_crds
-from cdi.kubeapi.errors import AlreadyExists
+from cdi.kubeapi.errors import AlreadyExists, BadRequest, NotFound
 from cdi.kubeapi.gc import GarbageCollector
 from cdi.kubeapi.pki import ensure_pki
 from cdi.kubeapi.registry import CRD_KEY
 from cdi.kubeapi.store import Store
+from cdi.provisioner import run_provisioner
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +53,13 @@ class ServerSettings:
     port: int = 6443
     """API port (kube-apiserver's usual one); 0 picks a free port."""
     insecure_http: bool = False
-    """Serve plain HTTP instead of HTTPS (tests on loopback only)."""
+    """Serve plain HTTP instead of HTTPS (tests on loopback only). kubectl sends no token over
+    http, so, as kube-apiserver's old insecure port, a request without a token acts as admin."""
     token_file: Path | None = None
     """Extra users: kube-apiserver's static token CSV (token,user,uid,"groups")."""
+    local_node: bool = True
+    """Run the local node: the agent (Pod objects as processes, files under <data_dir>/pods) and
+    the provisioner (volumes under <data_dir>/volumes). Off: an API with nothing to run pods."""
 
     @property
     def db_path(self) -> Path:
@@ -76,6 +85,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--port", type=int, default=ServerSettings.port, help="API port [6443]")
     parser.add_argument("--insecure-http", action="store_true", help="plain HTTP (tests only)")
     parser.add_argument("--token-file", type=Path, help="static token CSV for more users")
+    parser.add_argument(
+        "--no-local-node", action="store_true", help="serve the API only: no agent, no provisioner"
+    )
     parser.add_argument("--show-config", action="store_true", help="print the settings and exit")
     parser.set_defaults(handler=run)
 
@@ -87,6 +99,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         port=args.port,
         insecure_http=args.insecure_http,
         token_file=args.token_file,
+        local_node=not args.no_local_node,
     )
 
 
@@ -103,6 +116,13 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    if settings.insecure_http and not _is_loopback(settings.host):
+        print(
+            "cdi server: --insecure-http serves without authentication, so it only listens on "
+            "a loopback address (127.0.0.1, ::1); drop --insecure-http or use --host 127.0.0.1",
+            file=sys.stderr,
+        )
+        return 1
     if settings.token_file is not None and not settings.token_file.exists():
         print(f"cdi server: --token-file {settings.token_file}: no such file", file=sys.stderr)
         return 1
@@ -116,6 +136,13 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def admin_token(data_dir: Path) -> str:
@@ -190,8 +217,22 @@ async def serve(
     try:
         install_defaults(store)
         token = admin_token(settings.data_dir)
-        api = ApiServer(store, authenticator=Authenticator.from_files(token, settings.token_file))
-        runner = web.AppRunner(api.app(), access_log=None)
+
+        async def pod_logs(namespace: str, name: str, container: str | None) -> str:
+            try:
+                return await read_log(settings.data_dir, namespace, name, container)
+            except ContainerRequired as err:
+                raise BadRequest(str(err)) from None
+            except LogNotFound as err:
+                raise NotFound(str(err)) from None
+
+        api = ApiServer(
+            store,
+            authenticator=Authenticator.from_files(token, settings.token_file),
+            anonymous_admin=settings.insecure_http,
+            log_reader=pod_logs,
+        )
+        runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         ssl_ctx = None
         ca = None
@@ -205,11 +246,24 @@ async def serve(
         await site.start()
         stop = stop or asyncio.Event()
         gc = GarbageCollector(store, api.registry)
-        background = [asyncio.create_task(gc.run(stop), name="gc")]
+        gc_task = asyncio.create_task(gc.run(stop), name="gc")
         port = runner.addresses[0][1]
         scheme = "http" if settings.insecure_http else "https"
         url = f"{scheme}://{settings.host}:{port}"
         write_kubeconfig(settings, url, token, ca)
+        node_stop = asyncio.Event()
+        node_client = Client(load_kubeconfig(settings.kubeconfig_path))
+        node: list[asyncio.Task[None]] = []
+        if settings.local_node:
+            node = [
+                asyncio.create_task(
+                    run_provisioner(node_client, root=settings.data_dir, stop=node_stop),
+                    name="provisioner",
+                ),
+                asyncio.create_task(
+                    run_agent(node_client, root=settings.data_dir, stop=node_stop), name="agent"
+                ),
+            ]
         print(f"cdi server: API at {url}", flush=True)
         print(
             f"cdi server: kubeconfig {settings.kubeconfig_path.resolve()} "
@@ -223,11 +277,21 @@ async def serve(
                 loop.add_signal_handler(sig, stop.set)
         if ready is not None:
             ready.set()
-        await stop.wait()
-        print("cdi server: stopping", flush=True)
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        try:
+            await stop.wait()
+            print("cdi server: stopping", flush=True)
+        finally:
+            # The agent kills and reaps every pod process here: nothing outlives `cdi server`.
+            node_stop.set()
+            for result in await asyncio.gather(*node, return_exceptions=True):
+                if isinstance(result, Exception):
+                    log.error("local node loop failed", exc_info=result)
+            await node_client.close()
+            stop.set()
+            gc.wake()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gc_task, timeout=30)
+        api.shutdown()
         await runner.cleanup()
     finally:
         store.close()

@@ -22,7 +22,15 @@ from aiohttp import web
 
 from cdi import __version__
 from cdi.kubeapi import patch as patching
-from cdi.kubeapi.auth import Attributes, Authenticator, Authorizer, UserInfo, review
+from cdi.kubeapi.auth import (
+    ADMIN_GROUP,
+    AUTHENTICATED,
+    Attributes,
+    Authenticator,
+    Authorizer,
+    UserInfo,
+    review,
+)
 from cdi.kubeapi.crds import default_crd, established_status, validate_crd
 from cdi.kubeapi.errors import (
     ApiError,
@@ -37,7 +45,7 @@ from cdi.kubeapi.errors import (
 )
 from cdi.kubeapi.registry import CRD_KEY, Registry, ResourceType, table_cells, table_columns
 from cdi.kubeapi.schema import FieldError, check_custom_resource, validate_object_name
-from cdi.kubeapi.store import Store
+from cdi.kubeapi.store import Store, Subscription
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,6 +70,7 @@ DEFAULT_WATCH_SECONDS = 1800
 ENCODED_EVENTS_KEPT = 4096
 OPENAPI_V2_PROTOBUF = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
 BOOKMARK_SECONDS = 30.0
+ANONYMOUS_ADMIN = UserInfo("system:admin", (ADMIN_GROUP, AUTHENTICATED))
 REVIEW_KEYS = frozenset(
     {"subjectaccessreviews.authorization.k8s.io", "selfsubjectaccessreviews.authorization.k8s.io"}
 )
@@ -76,6 +85,11 @@ def _field_validation(mode: str) -> Literal["Ignore", "Warn", "Strict"]:
     if mode in ("Ignore", "Warn", "Strict"):
         return cast(Literal["Ignore", "Warn", "Strict"], mode)
     return "Warn"
+
+
+def _quote_warning(text: str) -> str:
+    """RFC 7234 warn-text is a quoted-string: backslash and double quote are escaped."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def status_response(err: ApiError) -> web.Response:
@@ -127,6 +141,7 @@ class ApiServer:
         authenticator: Authenticator,
         log_reader: LogReader | None = None,
         admission: list[Callable[[ResourceType, str, Obj, Obj | None], Obj]] | None = None,
+        anonymous_admin: bool = False,
     ) -> None:
         self.store = store
         self.registry = Registry()
@@ -134,8 +149,17 @@ class ApiServer:
         self.authorizer = Authorizer(self._list_for_rbac)
         self.log_reader = log_reader
         self.admission = admission or []
+        # Plain-HTTP loopback mode, like kube-apiserver's old insecure port: kubectl sends no
+        # bearer token over http, so a request without one acts as admin. Tokens still count.
+        self.anonymous_admin = anonymous_admin
         self._encoded: dict[tuple[str, str, str, str, bool, str], bytes] = {}
+        self._watches: set[Subscription] = set()
         self._reload_crds()
+
+    def shutdown(self) -> None:
+        """End every open watch, so a graceful stop does not wait on long-lived streams."""
+        for sub in list(self._watches):
+            sub.close()
 
     # --- plumbing ---------------------------------------------------------------------------
     @staticmethod
@@ -192,7 +216,10 @@ class ApiServer:
     ) -> web.StreamResponse:
         if request.path in PUBLIC_PATHS:
             return await handler(request)
-        user = self.authenticator.authenticate(request.headers.get("Authorization"))
+        header = request.headers.get("Authorization")
+        user = self.authenticator.authenticate(header)
+        if user is None and header is None and self.anonymous_admin:
+            user = ANONYMOUS_ADMIN
         if user is None:
             raise Unauthorized("Unauthorized")
         request[USER_KEY] = user
@@ -352,7 +379,7 @@ class ApiServer:
         if rt.deprecation_warning:
             notes.append(rt.deprecation_warning)
         if notes:
-            headers["Warning"] = ", ".join(f'299 - "{w}"' for w in notes)
+            headers["Warning"] = ", ".join(f'299 - "{_quote_warning(w)}"' for w in notes)
         return web.json_response(body, status=status, headers=headers)
 
     async def _resource(self, request: web.Request) -> web.StreamResponse:
@@ -513,6 +540,7 @@ class ApiServer:
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         deadline = time.monotonic() + timeout
+        self._watches.add(sub)
         try:
             for obj in initial:
                 await resp.write(encode("ADDED", obj))
@@ -548,6 +576,7 @@ class ApiServer:
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
+            self._watches.discard(sub)
             sub.close()
         with contextlib.suppress(ConnectionResetError):
             await resp.write_eof()
@@ -569,11 +598,7 @@ class ApiServer:
             raise BadRequest("the request body must be a JSON object")
         api_version = obj.get("apiVersion")
         kind = obj.get("kind")
-        if (
-            api_version
-            and api_version != rt.api_version
-            and not (rt.custom and str(api_version).startswith(rt.group + "/"))
-        ):
+        if api_version and api_version != rt.api_version:
             raise BadRequest(
                 f"the API version in the data ({api_version}) does not match the expected "
                 f"API version ({rt.api_version})"

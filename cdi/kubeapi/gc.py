@@ -18,7 +18,7 @@ from typing import Any
 
 from cdi.kubeapi.errors import ApiError, NotFound
 from cdi.kubeapi.registry import Registry
-from cdi.kubeapi.store import Store
+from cdi.kubeapi.store import Store, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class GarbageCollector:
     def __init__(self, store: Store, registry: Registry) -> None:
         self.store = store
         self.registry = registry
+        self._sub: Subscription | None = None
 
     def _resource_for(self, api_version: str, kind: str) -> tuple[str, bool] | None:
         group = api_version.rpartition("/")[0] if "/" in api_version else ""
@@ -137,8 +138,15 @@ class GarbageCollector:
                     self._delete(resource, ns, md["name"])
 
     # --- the task ----------------------------------------------------------------------------
+    def wake(self) -> None:
+        """Make `run` notice `stop` now (it may be waiting for an event)."""
+        if self._sub is not None:
+            self._sub.close()
+
     async def run(self, stop: asyncio.Event) -> None:
-        sub = self.store.subscribe()
+        """Until `stop` is set (then call `wake`). Never cancel it instead: a step in progress
+        runs in a thread that cancellation would leave using a store about to be closed."""
+        sub = self._sub = self.store.subscribe()
         next_sweep = 0.0
         loop = asyncio.get_running_loop()
         try:
@@ -151,7 +159,9 @@ class GarbageCollector:
                 except TimeoutError:
                     continue
                 if event is None:
-                    sub = self.store.subscribe()
+                    if stop.is_set():
+                        break
+                    sub = self._sub = self.store.subscribe()
                     continue
                 obj = event.object
                 if event.type == "DELETED":

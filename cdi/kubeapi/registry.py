@@ -156,10 +156,7 @@ def _pod_status(obj: Obj) -> str:
         if waiting.get("reason"):
             return str(waiting["reason"])
         terminated = state.get("terminated") or {}
-        if terminated.get("reason") and _path(obj, "status", "phase") not in (
-            "Succeeded",
-            "Failed",
-        ):
+        if terminated.get("reason"):  # kubectl shows Completed, Error, OOMKilled over the phase
             return str(terminated["reason"])
     return str(_path(obj, "status", "phase") or "Pending")
 

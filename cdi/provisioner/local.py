@@ -320,6 +320,8 @@ class LocalProvisioner:
         except (ApiError, OSError) as err:
             log.warning("%s: reconcile failed, retrying error=%s", _key(pvc), err)
             self._retry_later("retry-pvc", _key(pvc))
+        except Exception:  # a malformed object: say so, and go on with the others
+            log.exception("%s: reconcile failed", _key(pvc))
 
     async def _guarded_pv(self, pv: Obj) -> None:
         try:
@@ -327,6 +329,8 @@ class LocalProvisioner:
         except (ApiError, OSError) as err:
             log.warning("%s: reconcile failed, retrying error=%s", _key(pv), err)
             self._retry_later("retry-pv", _key(pv))
+        except Exception:
+            log.exception("%s: reconcile failed", _key(pv))
 
     # --- storage classes -------------------------------------------------------------------------
 
@@ -405,8 +409,23 @@ class LocalProvisioner:
         await self._provision(pvc, sc)
 
     async def _provision(self, pvc: Obj, sc: Obj) -> None:
-        md = pvc["metadata"]
         key = _key(pvc)
+        # Events queue up behind our own writes: one from before the binding would provision
+        # again (harmless, but twice the work and events). The PVC as it is now decides.
+        try:
+            fresh = await self.client.get(
+                PERSISTENT_VOLUME_CLAIM, pvc["metadata"]["name"], pvc["metadata"]["namespace"]
+            )
+        except NotFound:
+            return
+        if fresh["metadata"].get("uid") != pvc["metadata"].get("uid"):
+            return
+        if (fresh.get("spec") or {}).get("volumeName") or fresh["metadata"].get(
+            "deletionTimestamp"
+        ):
+            return
+        pvc = fresh
+        md = pvc["metadata"]
         request = _request(pvc)
         try:
             size = parse_size(request) if request is not None else None
@@ -621,9 +640,21 @@ class LocalProvisioner:
         log.info("pv=%s deleted with its data", name)
 
     async def _pv_deleted(self, pv: Obj) -> None:
-        """Someone deleted one of our PVs: its data goes too when the policy says Delete."""
-        if _ours(pv) and (pv.get("spec") or {}).get("persistentVolumeReclaimPolicy") == "Delete":
+        """One of our PVs is gone. Its data goes too only if it was Released with policy Delete
+        (we were deleting it); a PV deleted while in use keeps its data, as a CSI volume would,
+        rather than pulling the disk from under a running worker."""
+        if not _ours(pv):
+            return
+        spec = pv.get("spec") or {}
+        released = (pv.get("status") or {}).get("phase") == "Released"
+        if released and spec.get("persistentVolumeReclaimPolicy") == "Delete":
             await self._delete_data(pv)
+        elif (
+            volume_path(pv) is not None and volume_path(pv) == self.volumes / pv["metadata"]["name"]
+        ):
+            log.warning(
+                "pv=%s deleted while not released; data kept path=%s", _key(pv), volume_path(pv)
+            )
 
     async def _delete_data(self, pv: Obj) -> bool:
         name = pv["metadata"]["name"]
