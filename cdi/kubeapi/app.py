@@ -35,6 +35,7 @@ from cdi.kubeapi.crds import default_crd, established_status, validate_crd
 from cdi.kubeapi.errors import (
     ApiError,
     BadRequest,
+    Conflict,
     Forbidden,
     Gone,
     Invalid,
@@ -42,6 +43,7 @@ from cdi.kubeapi.errors import (
     NotFound,
     StatusCause,
     Unauthorized,
+    UnsupportedMediaType,
 )
 from cdi.kubeapi.registry import CRD_KEY, Registry, ResourceType, table_cells, table_columns
 from cdi.kubeapi.schema import FieldError, check_custom_resource, validate_object_name
@@ -430,6 +432,8 @@ class ApiServer:
     async def _body(self, request: web.Request) -> Any:
         raw = await request.read()
         ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip()
+        if "protobuf" in ctype:
+            raise UnsupportedMediaType.of(["application/json", "application/yaml"])
         try:
             if "yaml" in ctype:
                 return yaml.safe_load(raw)
@@ -744,6 +748,17 @@ class ApiServer:
         if rt.namespaced:
             meta["namespace"] = namespace
         old = self._sync(self.store.get, rt.key, namespace, name)
+        sent_uid = meta.get("uid")
+        stored_uid = old["metadata"].get("uid")
+        if sent_uid and sent_uid != stored_uid:
+            # As kube-apiserver: a uid in the body is a precondition, checked before validation,
+            # so a client replacing an object someone recreated gets a Conflict and refetches.
+            raise Conflict.of(
+                rt.key,
+                name,
+                f"Precondition failed: UID in precondition: {sent_uid}, "
+                f"UID in object meta: {stored_uid}",
+            )
         warnings = self._validate(request, rt, obj, old)
         updated = self._sync(
             self.store.update,
