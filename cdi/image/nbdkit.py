@@ -78,6 +78,14 @@ def python_plugin_env(extra_paths: Sequence[str] = ()) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONHOME", None)
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    # The embedded interpreter finds its home by looking for `python3` on PATH; a venv's bin/ there
+    # (pyvenv.cfg beside it) makes it take the venv's base Python's stdlib instead of Debian's, and
+    # then `import ssl` fails. Measured: HTTPS and S3 broke with .venv/bin first on PATH.
+    env["PATH"] = os.pathsep.join(
+        d
+        for d in env.get("PATH", "").split(os.pathsep)
+        if d and not os.path.exists(os.path.join(os.path.dirname(d.rstrip("/")), "pyvenv.cfg"))
+    )
     return env
 
 

@@ -377,3 +377,17 @@ def test_python_plugin_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert "/stale" not in paths
     assert "PYTHONHOME" not in env
     assert env["CDI_MARKER"] == "kept"
+
+
+def test_plugin_env_keeps_venv_bin_dirs_off_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With a venv's bin/ first on PATH, the embedded interpreter took the venv's base Python's
+    # stdlib and `import ssl` failed inside the plugin (seen in CI through `make test`).
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /nowhere\n")
+    monkeypatch.setenv("PATH", f"{venv / 'bin'}:/usr/bin:/bin")
+    path = python_plugin_env()["PATH"].split(":")
+    assert str(venv / "bin") not in path
+    assert "/usr/bin" in path
