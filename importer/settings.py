@@ -21,9 +21,9 @@ from importer.errors import SettingsError
 
 SUPPORTED_SOURCES = (SourceType.HTTP, SourceType.S3, SourceType.NONE)
 DEFAULT_STALL_TIMEOUT = 600.0  # CDI cancels a download after 10 minutes without progress
-CDI_STALL_TIMEOUT = "CDI_STALL_TIMEOUT"
-CDI_EXTRA_HEADERS_DIR = "CDI_EXTRA_HEADERS_DIR"
-DEFAULT_EXTRA_HEADERS_DIR = "/extraheaders"
+CDI_STALL_TIMEOUT = env.CDI_STALL_TIMEOUT
+CDI_EXTRA_HEADERS_DIR = env.CDI_EXTRA_HEADERS_DIR
+DEFAULT_EXTRA_HEADERS_DIR = env.DEFAULT_EXTRA_HEADERS_DIR
 
 # Go's strconv.ParseBool, which CDI uses for PREALLOCATION and INSECURE_TLS.
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}

@@ -75,6 +75,8 @@ CDI_BLOCK_DEVICE: Final = "CDI_BLOCK_DEVICE"
 CDI_SCRATCH_DIR: Final = "CDI_SCRATCH_DIR"
 CDI_TERMINATION_LOG: Final = "CDI_TERMINATION_LOG"
 CDI_METRICS_ADDR: Final = "CDI_METRICS_ADDR"
+CDI_EXTRA_HEADERS_DIR: Final = "CDI_EXTRA_HEADERS_DIR"
+CDI_STALL_TIMEOUT: Final = "CDI_STALL_TIMEOUT"
 
 # --- in-pod paths (reference Appendix A) ----------------------------------------------------------
 DEFAULT_DATA_DIR: Final = "/data"
@@ -85,6 +87,7 @@ SCRATCH_IMAGE_NAME: Final = "tmpimage"
 DEFAULT_TERMINATION_LOG: Final = "/dev/termination-log"
 DEFAULT_CERT_DIR: Final = "/certs"
 DEFAULT_PROXY_CERT_DIR: Final = "/proxycerts/"
+DEFAULT_EXTRA_HEADERS_DIR: Final = "/extraheaders"
 CLONE_SOURCE_MOUNT: Final = "/var/run/cdi/clone/source"
 METRICS_PORT: Final = 8443
 UPLOAD_SERVER_PORT: Final = 8443

@@ -64,3 +64,36 @@ def test_deleting_a_pod_kills_its_process(fresh_cdi_server: CdiServer) -> None:
     pid = _running_pid(server)
     server.kubectl("delete", "pod", "sleeper", "--wait=false")
     poll(lambda: not _alive(pid), timeout=20, what=f"pod process {pid} gone after delete")
+
+
+ECHO = """
+apiVersion: v1
+kind: Pod
+metadata: {name: echo}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: none
+    command: ["sh", "-c", "echo line one; echo line two >&2; echo done > $CDI_TERMINATION_LOG"]
+"""
+
+
+def test_kubectl_logs_of_an_agent_run_pod(fresh_cdi_server: CdiServer) -> None:
+    server = fresh_cdi_server
+    server.kubectl("apply", "-f", "-", input=ECHO)
+
+    def finished() -> bool:
+        out = server.kubectl("get", "pod", "echo", "-o", "jsonpath={.status.phase}").stdout
+        return out == "Succeeded"
+
+    poll(finished, timeout=30, what="the echo pod to succeed")
+    logs = server.kubectl("logs", "echo").stdout
+    assert "line one" in logs
+    assert "line two" in logs
+    assert server.kubectl("logs", "echo", "--tail=1").stdout.strip() in ("line one", "line two")
+    wrong = server.kubectl("logs", "echo", "-c", "nope", check=False)
+    assert wrong.returncode != 0
+    assert "nope" in wrong.stderr
+    status = server.kubectl("get", "pod", "echo").stdout
+    assert "Completed" in status
