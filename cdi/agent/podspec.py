@@ -23,6 +23,8 @@ process view, so that a worker written for CDI's pods runs unchanged:
   Python first, so `cdi-importer` is ours), HOME and cwd (the container directory), HOSTNAME,
   POD_IP, and CDI_METRICS_ADDR=<pod ip>:8443 unless the pod sets it (each pod has its own
   loopback address, so every worker can listen on its usual port).
+* Limits: `resources.limits.memory` in bytes and `resources.limits.cpu` in cores, for the runner
+  to enforce (memory by a watchdog on resident memory, CPU by duty cycling).
 
 Used by `cdi.agent.runner`. Reads the API, writes only under the pod directory, starts nothing.
 """
@@ -53,7 +55,7 @@ from cdi.provisioner import volume_path
 Obj = dict[str, Any]
 
 # importer/settings.py reads this one; it is not (yet) in cdi.api.env.
-CDI_EXTRA_HEADERS_DIR: Final = "CDI_EXTRA_HEADERS_DIR"
+CDI_EXTRA_HEADERS_DIR: Final = worker_env.CDI_EXTRA_HEADERS_DIR
 EXTRA_HEADERS_MOUNT: Final = "/extraheaders"
 MOUNT_ENV_PREFIX: Final = "CDI_MOUNT_"
 HOST_IP: Final = "127.0.0.1"
@@ -68,6 +70,9 @@ DEVICE_VARIABLES: Final = {worker_env.DEFAULT_BLOCK_DEVICE: worker_env.CDI_BLOCK
 #: Variables of the agent's own environment that containers get too (locale, time zone, tmp).
 _PASSTHROUGH: Final = ("LANG", "LC_ALL", "TZ", "TMPDIR")
 _REFERENCE: Final = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+#: The smallest CPU limit applied, in cores: the kubelet's smallest CFS quota is 1 ms per 100 ms
+#: period. A limit of 0 means no limit, as under a kubelet.
+MIN_CPU_LIMIT: Final = Decimal("0.01")
 
 
 class ConfigError(Exception):
@@ -95,6 +100,8 @@ class ContainerPlan:
     cwd: Path
     memory_limit: int | None
     file_size_limit: int | None
+    cpu_limit: float | None = None
+    """Cores (`resources.limits.cpu`; "500m" is 0.5), at least `MIN_CPU_LIMIT`; None: no limit."""
 
 
 def mount_variable(path: str) -> str:
@@ -498,7 +505,8 @@ async def plan_container(
         )
     argv = [rewrite_path(w, table) for w in words]
 
-    memory = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    limits = (container.get("resources") or {}).get("limits") or {}
+    memory = limits.get("memory")
     try:
         memory_limit = parse_size(str(memory)) if memory is not None else None
     except QuantityError:
@@ -510,4 +518,21 @@ async def plan_container(
         cwd=workdir,
         memory_limit=memory_limit,
         file_size_limit=max(capacities) if capacities else None,
+        cpu_limit=cpu_limit(limits.get("cpu")),
     )
+
+
+def cpu_limit(value: object) -> float | None:
+    """A `resources.limits.cpu` value in cores ("750m" -> 0.75, "2" -> 2.0); None when unset or
+    0. Raises ConfigError."""
+    if value is None:
+        return None
+    try:
+        cores = parse_quantity(str(value))
+    except QuantityError:
+        raise ConfigError(f"resources.limits.cpu {value!r} is not a quantity") from None
+    if cores < 0:
+        raise ConfigError(f"resources.limits.cpu {value!r} is negative")
+    if cores == 0:
+        return None
+    return float(max(cores, MIN_CPU_LIMIT))

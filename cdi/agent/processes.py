@@ -1,4 +1,4 @@
-"""Container processes: start one with limits, find and signal its whole session, measure memory.
+"""Container processes: start one with limits, find and signal its whole session, measure it.
 
 Owns the OS side of running a container as a local process (Linux):
 
@@ -15,6 +15,12 @@ Owns the OS side of running a container as a local process (Linux):
   session id (children that moved to a group of their own), so nothing is left behind.
 * `resident_by_session` sums resident memory per session from /proc, for the memory watchdog:
   the kubelet enforces a memory limit on resident memory (cgroup), so the agent does the same.
+* `SessionCpu` samples the CPU time (utime+stime) of every process of chosen sessions, cheaply
+  enough to do every 100 ms, and `signal_processes` signals a session's known processes without
+  a /proc scan: the agent's CPU throttle applies a CPU limit by duty cycling with them (SIGSTOP
+  a session that used more than its share of a period, SIGCONT it once the share is paid back,
+  as `cpulimit` does). No cgroup is used or needed. There is no RLIMIT_CPU: it limits total CPU
+  seconds (SIGXCPU, then SIGKILL), while a Kubernetes CPU limit is a rate.
 
 Used by `cdi.agent.runner` only. It knows nothing about pods or the API.
 """
@@ -29,7 +35,7 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -39,6 +45,8 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG: Final = 1
 _PROC: Final = Path("/proc")
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
+#: The unit of utime and stime in /proc/<pid>/stat.
+CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 #: Seconds `kill` waits for the rest of a session to die after SIGKILL (normally microseconds;
 #: a process in uninterruptible sleep takes until its I/O returns).
 LEFTOVER_WAIT: Final = 2.0
@@ -54,6 +62,9 @@ class Limits:
     file_size: int | None = None
     """RLIMIT_FSIZE in bytes: the largest file the process may write (EFBIG, or SIGXFSZ for
     programs that do not ignore it)."""
+    # No RLIMIT_CPU: it caps the total CPU seconds a process may use (SIGXCPU, then SIGKILL),
+    # which would kill any long-running worker, whereas a Kubernetes CPU limit is a rate (cores).
+    # CPU limits are applied by the agent's throttle instead (duty cycling, see `SessionCpu`).
 
 
 def _libc_prctl() -> Callable[..., int] | None:
@@ -107,7 +118,8 @@ async def spawn(
 
 def _stat_fields(pid: str) -> list[str] | None:
     """/proc/<pid>/stat fields after the command name (which may hold spaces and parens):
-    index 0 is field 3 (state), 3 is the session id, 21 is rss in pages."""
+    index 0 is field 3 (state), 3 is the session id, 11 and 12 are utime and stime in clock
+    ticks (all threads, live and ended), 21 is rss in pages."""
     try:
         raw = (_PROC / pid / "stat").read_bytes()
     except OSError:
@@ -135,6 +147,56 @@ def resident_by_session() -> dict[int, int]:
     return usage
 
 
+class SessionCpu:
+    """CPU time of the processes of chosen sessions, cheap enough to sample every 100 ms.
+
+    A full /proc scan reads the stat of every process of the machine (a millisecond per hundred
+    processes); a sample here lists /proc and reads the stat only of pids it has not seen before
+    and of members of the sessions asked for. That is sound because a process never joins an
+    existing session except by being forked in it, as a new pid; and a pid still listed at two
+    samples is the same process, since the kernel reuses a pid only after going round the whole
+    pid space. A process that starts and ends between two samples is not seen (as with
+    `cpulimit`; a cgroup would count it)."""
+
+    def __init__(self) -> None:
+        self._sid_of: dict[int, int] = {}
+        """Session id of every pid seen, members or not."""
+
+    def forget(self) -> None:
+        """Drop what is known of /proc (nothing is being sampled for a while)."""
+        self._sid_of.clear()
+
+    def sample(self, sids: Collection[int]) -> dict[int, dict[int, int]]:
+        """utime+stime in clock ticks of every process (zombies too) of each session in `sids`,
+        by session id then pid."""
+        wanted = set(sids)
+        ticks: dict[int, dict[int, int]] = {sid: {} for sid in wanted}
+        listed = {int(entry) for entry in os.listdir(_PROC) if entry.isdigit()}
+        for pid in self._sid_of.keys() - listed:
+            del self._sid_of[pid]
+        for pid in listed:
+            known = self._sid_of.get(pid)
+            if known is not None and known not in wanted:
+                continue  # not ours, and never will be
+            fields = _stat_fields(str(pid))
+            if fields is None:  # ended since the listing
+                self._sid_of.pop(pid, None)
+                continue
+            sid = self._sid_of[pid] = int(fields[3])  # changes when a member calls setsid
+            if sid in wanted:
+                ticks[sid][pid] = int(fields[11]) + int(fields[12])
+        return ticks
+
+
+def signal_processes(sid: int, pids: Iterable[int], sig: int) -> None:
+    """Signal the process group `sid` and each of `pids`; processes that ended are skipped."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(sid, sig)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
 def signal_session(sid: int, sig: int) -> None:
     """Signal the process group `sid` and every other process still in session `sid`."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -149,6 +211,9 @@ async def terminate(proc: asyncio.subprocess.Process, *, grace: float) -> None:
     SIGKILL whatever of the session is left. Returns when the leader is reaped."""
     if proc.returncode is None:
         signal_session(proc.pid, signal.SIGTERM)
+        # A stopped process (SIGSTOP: the CPU throttle, or anyone) leaves SIGTERM pending until
+        # it is continued; sent after SIGTERM, SIGCONT makes it act on it now.
+        signal_session(proc.pid, signal.SIGCONT)
         try:
             await asyncio.wait_for(proc.wait(), timeout=grace)
         except TimeoutError:

@@ -12,8 +12,14 @@ Owns what a kubelet owns on a cluster node, for the one node `cdi server` is:
   status.podIP and env POD_IP), volumes through the worker path variables, the memory limit
   enforced on resident memory by a watchdog (SIGKILL, reason OOMKilled, as the kernel's cgroup
   OOM killer does under a kubelet) with RLIMIT_AS at `address_space_factor` times the limit as a
-  backstop, and RLIMIT_FSIZE at the capacity of the largest PVC the container mounts. There is
-  no CPU limit: RLIMIT_CPU counts total CPU seconds, which would kill a long-running server.
+  backstop, and RLIMIT_FSIZE at the capacity of the largest PVC the container mounts. The CPU
+  limit (a rate, in cores) is applied by duty cycling, as `cpulimit` does and without cgroups:
+  the CPU throttle samples the CPU time of each limited session every `cpu_period`, SIGSTOPs a
+  session that used more than its share for as long as it takes to earn the excess back, then
+  SIGCONTs it; a limit of at least this machine's core count needs nothing. A session is never
+  left stopped: it is continued when its container ends, before SIGTERM when its pod is deleted,
+  and when the agent stops. (RLIMIT_CPU is no CPU limit: it counts total CPU seconds, and would
+  kill a server.)
   Init containers run first, one at a time, and must succeed.
 * Reporting: status.phase Pending/Running/Succeeded/Failed, conditions, podIP, startTime and
   container statuses (running/terminated/waiting, exitCode, signal, reason Completed/Error/
@@ -42,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import time
@@ -63,7 +70,17 @@ from cdi.agent.podspec import (
     plan_container,
     resolve_volumes,
 )
-from cdi.agent.processes import Limits, kill, resident_by_session, signal_session, spawn, terminate
+from cdi.agent.processes import (
+    CLOCK_TICKS,
+    Limits,
+    SessionCpu,
+    kill,
+    resident_by_session,
+    signal_processes,
+    signal_session,
+    spawn,
+    terminate,
+)
 from cdi.api import PodPhase
 from cdi.api.groups import PERSISTENT_VOLUME_CLAIM, POD, STORAGE_CLASS
 from cdi.kube.client import Client, resource_path
@@ -100,6 +117,9 @@ class AgentSettings:
     """Seconds between checks while a pod waits for its PVCs, secrets or config maps."""
     memory_poll: float = 0.25
     """Seconds between resident-memory samples of containers with a memory limit."""
+    cpu_period: float = 0.1
+    """Seconds between CPU-time samples of containers with a CPU limit: about the longest a
+    limited container runs before it is stopped to keep to its limit (see `CpuThrottle`)."""
     address_space_factor: int = 4
     """RLIMIT_AS is this many times the memory limit (0: none); see `processes.Limits`."""
     max_grace: float = 30.0
@@ -186,6 +206,112 @@ class MemoryWatchdog:
                     del self._tracked[sid]
                     on_exceeded(used)
                     signal_session(sid, signal.SIGKILL)
+
+
+#: Seconds: a stopped session whose debt would take no longer than this to repay is continued,
+#: and a running one is not stopped for so little (shorter stops cost more than they correct).
+_STOP_SLACK: Final = 0.002
+
+
+@dataclass
+class _Throttled:
+    """One CPU-limited session as the throttle sees it."""
+
+    cores: float
+    sampled: float
+    """time.monotonic() of the last sample."""
+    ticks: dict[int, int] = field(default_factory=dict)
+    """utime+stime (clock ticks) of each process of the session at the last sample."""
+    balance: float = 0.0
+    """CPU seconds the session may still use (negative: what it used beyond its limit)."""
+    stopped: set[int] | None = None
+    """While the session is stopped: the processes sent SIGSTOP (besides its process group)."""
+
+
+class CpuThrottle:
+    """Applies CPU limits by duty cycling (as `cpulimit` does; no cgroup needed).
+
+    Every `period` seconds it samples the CPU time of each limited session (`SessionCpu`: only
+    those sessions are read). A session earns `cores` CPU seconds per second of wall time and
+    spends what its processes used; credit is capped at one period's worth, so an idle spell
+    buys no long burst. A session in debt is SIGSTOPped for debt / cores seconds, during which it
+    earns the debt back, then SIGCONTed. So over time it uses `cores` CPU seconds per second,
+    in bursts of about a period. A session is never left stopped: `untrack` continues it, and so
+    does the end of `run` (cancelled when the agent stops), whatever ended it."""
+
+    def __init__(self, period: float, cores: int | None = None) -> None:
+        self.period = period
+        self.cores = cores or os.cpu_count() or 1
+        """This machine's cores: a limit of this many or more needs no throttling."""
+        self._tracked: dict[int, _Throttled] = {}
+        self._cpu = SessionCpu()
+        self._wake = asyncio.Event()
+
+    def track(self, sid: int, cores: float) -> bool:
+        """Hold session `sid` to `cores` CPUs. False (nothing to do) when `cores` is at least
+        the machine's core count."""
+        if cores >= self.cores:
+            return False
+        self._tracked[sid] = _Throttled(cores, time.monotonic())
+        self._wake.set()
+        return True
+
+    def untrack(self, sid: int) -> None:
+        """Stop throttling `sid`, and continue it if it is stopped. Any sid may be given."""
+        throttled = self._tracked.pop(sid, None)
+        if throttled is not None and throttled.stopped is not None:
+            self._continue(sid, throttled, thorough=True)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                if not self._tracked:
+                    self._cpu.forget()
+                    self._wake.clear()
+                    await self._wake.wait()
+                wake = self._step(time.monotonic())
+                await asyncio.sleep(max(0.0, wake - time.monotonic()))
+        finally:
+            # Cancelled (the agent stops) or crashed: no session may stay stopped.
+            for sid, throttled in self._tracked.items():
+                if throttled.stopped is not None:
+                    self._continue(sid, throttled, thorough=True)
+
+    def _step(self, now: float) -> float:
+        """Sample every limited session, stop those in debt, continue those that paid it back.
+        Returns the time.monotonic() of the next step."""
+        sample = self._cpu.sample(self._tracked.keys())
+        wake = now + self.period
+        for sid, throttled in self._tracked.items():
+            ticks = sample.get(sid, {})
+            last = throttled.ticks
+            used = sum(max(0, t - last.get(pid, 0)) for pid, t in ticks.items()) / CLOCK_TICKS
+            earned = throttled.cores * (now - throttled.sampled)
+            throttled.balance = min(
+                throttled.balance + earned - used, throttled.cores * self.period
+            )
+            throttled.ticks, throttled.sampled = ticks, now
+            owed = -throttled.balance / throttled.cores  # seconds of stop that repay the debt
+            if throttled.stopped is not None:
+                if owed <= _STOP_SLACK or not ticks:  # repaid, or every process ended
+                    self._continue(sid, throttled)
+                else:
+                    wake = min(wake, now + owed)
+            elif owed > _STOP_SLACK and ticks:
+                throttled.stopped = set(ticks)
+                signal_processes(sid, throttled.stopped, signal.SIGSTOP)
+                wake = min(wake, now + owed)
+        return wake
+
+    @staticmethod
+    def _continue(sid: int, throttled: _Throttled, *, thorough: bool = False) -> None:
+        """SIGCONT what was stopped and what is in the session now (`thorough`: found by a
+        full /proc scan, for the last time)."""
+        stopped = throttled.stopped or set()
+        throttled.stopped = None
+        signal_processes(sid, stopped | throttled.ticks.keys(), signal.SIGCONT)
+        if thorough:
+            signal_session(sid, signal.SIGCONT)
 
 
 @dataclass
@@ -312,6 +438,10 @@ class PodRunner:
         running = [c.proc for c in self.all_containers if c.proc and c.proc.returncode is None]
         if running:
             log.info("%s: stopping pids=%s grace=%.1f", self.key, [p.pid for p in running], grace)
+        for p in running:
+            # No more duty cycling, and continued now if stopped: a stopped process would not
+            # act on SIGTERM until the grace period is over.
+            self.agent.throttle.untrack(p.pid)
         await asyncio.gather(*(terminate(p, grace=grace) for p in running))
         if self.task is not None:
             if running and publish:
@@ -586,7 +716,8 @@ class PodRunner:
         c.container_id = f"cdi-local://{proc.pid}"
         c.state = {"running": {"startedAt": started_at}}
         log.info(
-            "%s: started container=%s pid=%d ip=%s argv=%s memory_limit=%s file_size_limit=%s",
+            "%s: started container=%s pid=%d ip=%s argv=%s memory_limit=%s file_size_limit=%s "
+            "cpu_limit=%s",
             self.key,
             c.name,
             proc.pid,
@@ -594,7 +725,16 @@ class PodRunner:
             plan.argv,
             plan.memory_limit,
             plan.file_size_limit,
+            plan.cpu_limit,
         )
+        if plan.cpu_limit and not self.agent.throttle.track(proc.pid, plan.cpu_limit):
+            log.info(
+                "%s: container=%s cpu_limit=%g is at least this machine's %d cores; not throttled",
+                self.key,
+                c.name,
+                plan.cpu_limit,
+                self.agent.throttle.cores,
+            )
         if plan.memory_limit:
             limit = plan.memory_limit
 
@@ -617,6 +757,7 @@ class PodRunner:
             returncode = await proc.wait()
         finally:
             self.agent.watchdog.untrack(proc.pid)
+            self.agent.throttle.untrack(proc.pid)  # continues it if stopped
             await kill(proc)
             c.proc = None
             try:
@@ -818,7 +959,8 @@ async def _copy_output(stream: asyncio.StreamReader, path: Path) -> None:
 
 
 class Agent:
-    """All pods of this node: one informer, one runner per pod (by uid), one memory watchdog."""
+    """All pods of this node: one informer, one runner per pod (by uid), one memory watchdog,
+    one CPU throttle."""
 
     def __init__(self, client: Client, root: Path, settings: AgentSettings) -> None:
         self.client = client
@@ -826,6 +968,7 @@ class Agent:
         self.settings = settings
         self.pool = AddressPool()
         self.watchdog = MemoryWatchdog(settings.memory_poll)
+        self.throttle = CpuThrottle(settings.cpu_period)
         self.runners: dict[str, PodRunner] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -835,6 +978,7 @@ class Agent:
         tasks = [
             asyncio.create_task(self._watch(), name="pod-informer"),
             asyncio.create_task(self.watchdog.run(), name="memory-watchdog"),
+            asyncio.create_task(self.throttle.run(), name="cpu-throttle"),
         ]
         stopping = asyncio.create_task(stop.wait())
         try:
