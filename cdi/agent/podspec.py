@@ -384,28 +384,21 @@ def _resource_field(container: Obj, ref: Obj) -> str:
 async def _value_from(
     ctx: PodContext, container: Obj, source: Obj, pod_ip: str, name: str
 ) -> str | None:
-    if "secretKeyRef" in source:
-        ref = source["secretKeyRef"]
+    for field, kind, fetch in (
+        ("secretKeyRef", "Secret", ctx.secret_data),
+        ("configMapKeyRef", "ConfigMap", ctx.config_map_data),
+    ):
+        if field not in source:
+            continue
+        ref = source[field]
         optional = bool(ref.get("optional"))
-        data = await ctx.secret_data(str(ref.get("name")), optional=optional)
+        data = await fetch(str(ref.get("name")), optional=optional)
         key = str(ref.get("key"))
         if key not in data:
             if optional:
                 return None
             raise ConfigError(
-                f"couldn't find key {key} in Secret {ctx.namespace}/{ref.get('name')}"
-            )
-        return data[key].decode(errors="replace")
-    if "configMapKeyRef" in source:
-        ref = source["configMapKeyRef"]
-        optional = bool(ref.get("optional"))
-        data = await ctx.config_map_data(str(ref.get("name")), optional=optional)
-        key = str(ref.get("key"))
-        if key not in data:
-            if optional:
-                return None
-            raise ConfigError(
-                f"couldn't find key {key} in ConfigMap {ctx.namespace}/{ref.get('name')}"
+                f"couldn't find key {key} in {kind} {ctx.namespace}/{ref.get('name')}"
             )
         return data[key].decode(errors="replace")
     if "fieldRef" in source:
