@@ -65,6 +65,11 @@ OWNER_REF: Final = _cdi("storage.ownerRef")
 EVENTS_SOURCE_KIND: Final = _cdi("events.source.kind")
 EVENTS_SOURCE: Final = _cdi("events.source")
 
+# multi-stage (warm) import state; read into the importer's checkpoint variables
+CHECKPOINT_PREVIOUS: Final = _cdi("storage.checkpoint.previous")
+CHECKPOINT_CURRENT: Final = _cdi("storage.checkpoint.current")
+CHECKPOINT_FINAL: Final = _cdi("storage.checkpoint.final")
+
 # --- import inputs (storage.import.*) -----------------------------------------------------------
 IMPORT_SOURCE: Final = _cdi("storage.import.source")
 IMPORT_ENDPOINT: Final = _cdi("storage.import.endpoint")
@@ -108,6 +113,9 @@ DEFAULT_STORAGE_CLASS: Final = "storageclass.kubernetes.io/is-default-class"
 DEFAULT_VIRT_STORAGE_CLASS: Final = "storageclass.kubevirt.io/is-default-virt-class"
 CONFIG_AUTHORITY: Final = _cdi("configAuthority")
 
+# --- annotation values ---------------------------------------------------------------------------
+CREATED_BY_CONTROLLER_VALUE: Final = "yes"
+
 # --- annotations copied to worker pods (allow-list, reference §4.4) -------------------------------
 POD_NETWORKS: Final = "k8s.v1.cni.cncf.io/networks"
 POD_MULTUS_DEFAULT_NETWORK: Final = "v1.multus-cni.io/default-network"
@@ -119,6 +127,10 @@ COPIED_TO_WORKER_PODS: Final = (
     POD_SIDECAR_INJECTION,
     POD_LINKERD_INJECTION,
 )
+# Values a worker pod gets when the PVC does not say (CDI keeps service-mesh sidecars out of
+# worker pods: an injected proxy would outlive the worker and keep the pod from completing).
+POD_SIDECAR_INJECTION_DEFAULT: Final = "false"
+POD_LINKERD_INJECTION_DEFAULT: Final = "disabled"
 
 # --- finalizers ----------------------------------------------------------------------------------
 DATA_VOLUME_FINALIZER: Final = _cdi("dataVolumeFinalizer")
@@ -140,4 +152,6 @@ LABEL_CLONE_SOURCE_PVC_UID: Final = _cdi("hostAssistedSourcePodCloneSource")
 LABEL_APPLY_STORAGE_PROFILE: Final = _cdi("applyStorageProfile")
 LABEL_DATA_IMPORT_CRON: Final = _cdi("dataImportCron")
 LABEL_FILLING_UP_ALERT: Final = "alerts.k8s.io/KubePersistentVolumeFillingUp"
+LABEL_FILLING_UP_ALERT_DISABLED: Final = "disabled"
+LABEL_PROMETHEUS_VALUE: Final = "true"
 LABEL_EXCLUDE_FROM_BACKUP: Final = "velero.io/exclude-from-backup"

@@ -46,6 +46,13 @@ PROXY_VARIABLES: Final = (
     "HTTPS_PROXY",
     "NO_PROXY",
 )
+# The names the controller sets (CDI sets the lower-case ones only).
+HTTP_PROXY: Final = "http_proxy"
+HTTPS_PROXY: Final = "https_proxy"
+NO_PROXY: Final = "no_proxy"
+# Keys of the Secret named by a source's secretRef (IMPORTER_ACCESS_KEY_ID / IMPORTER_SECRET_KEY).
+SECRET_KEY_ACCESS_KEY_ID: Final = "accessKeyId"
+SECRET_KEY_SECRET_KEY: Final = "secretKey"
 
 # --- upload server (CDI) -------------------------------------------------------------------------
 UPLOAD_IMAGE_SIZE: Final = "UPLOAD_IMAGE_SIZE"

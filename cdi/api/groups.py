@@ -142,3 +142,7 @@ CDI_RESOURCES: tuple[Resource, ...] = (
 
 # The singleton CDIConfig object is always called this.
 CDI_CONFIG_NAME = "config"
+
+# `StorageClass.provisioner` of the all-in-one server's local volumes (cdi.provisioner); the
+# controller gives its StorageProfiles built-in defaults, so it must spell it the same way.
+LOCAL_PROVISIONER = "cdi.kubevirt.io/local"

@@ -123,6 +123,18 @@ class VolumeMode(StrEnum):
     BLOCK = "Block"
 
 
+# `storage.volumeMode` may name this instead of a mode: "whatever the StorageProfile prefers".
+# Not a VolumeMode member because it never appears on a PVC.
+VOLUME_MODE_FROM_STORAGE_PROFILE = "FromStorageProfile"
+
+
+class AccessMode(StrEnum):
+    READ_WRITE_ONCE = "ReadWriteOnce"
+    READ_ONLY_MANY = "ReadOnlyMany"
+    READ_WRITE_MANY = "ReadWriteMany"
+    READ_WRITE_ONCE_POD = "ReadWriteOncePod"
+
+
 class CloneStrategy(StrEnum):
     COPY = "copy"
     SNAPSHOT = "snapshot"

@@ -1,6 +1,9 @@
-"""CDI's space arithmetic: filesystem overhead, 1 MiB alignment, usable and required sizes (§5.7).
+"""CDI's space arithmetic: filesystem overhead, 1 MiB alignment, usable and required sizes.
 
 Owns the formulas the controller (to size PVCs) and the workers (to size images) must agree on.
+The overhead is a share of the *whole* volume, as CDI computes it (GetRequiredSpace divides by
+1 - overhead; GetUsableSpace multiplies by it). reference/cdi.md §5.7 writes `* (1 + overhead)`;
+CDI's source says otherwise, and a PVC sized the other way is 0.4 % too small for CDI's importer.
 Computed with exact fractions; CDI's float64 arithmetic agrees except in the last byte of
 pathological inputs, where ours is the mathematically exact answer.
 """
@@ -44,17 +47,19 @@ def round_down(size: int, alignment: int = ALIGNMENT) -> int:
 def usable_size(available: int, overhead: Fraction) -> int:
     """Bytes an image may use in a Filesystem volume of `available` bytes.
 
-    usable = roundDown(ceil(available / (1 + overhead)), 1 MiB)
+    usable = roundDown(ceil(available * (1 - overhead)), 1 MiB)
     """
-    return round_down(math.ceil(Fraction(available) / (1 + overhead)))
+    return round_down(math.ceil(Fraction(available) * (1 - overhead)))
 
 
 def required_size(size: int, overhead: Fraction) -> int:
     """Bytes to request for a Filesystem volume that must hold an image of `size` bytes.
 
-    required = ceil(roundUp(size, 1 MiB) * (1 + overhead))
+    required = ceil(roundUp(size, 1 MiB) / (1 - overhead))
     """
-    return math.ceil(round_up(size) * (1 + overhead))
+    if overhead >= 1:
+        raise OverheadError("a filesystem overhead of 1 leaves no room for any image")
+    return math.ceil(round_up(size) / (1 - overhead))
 
 
 def resize_target(*, requested: int, available: int, overhead: Fraction) -> int:

@@ -42,16 +42,21 @@ def test_alignment() -> None:
 
 
 def test_required_size_inflates_for_overhead() -> None:
-    # ceil(10 GiB * 1.06) = ceil(11381663334.4)
-    assert required_size(10 * GI, Fraction(6, 100)) == 11381663335
-    # a size that is not MiB-aligned is first rounded up to 1 MiB: 1 byte -> 1 MiB -> 1.06 MiB
-    assert required_size(1, Fraction(6, 100)) == 1111491  # ceil(1048576 * 1.06) = ceil(1111490.56)
+    # CDI's GetRequiredSpace: ceil(10 GiB / 0.94) = ceil(11422785361.70...)
+    assert required_size(10 * GI, Fraction(6, 100)) == 11422785362
+    # a size that is not MiB-aligned is first rounded up to 1 MiB: 1 byte -> 1 MiB -> / 0.94
+    assert required_size(1, Fraction(6, 100)) == 1115507  # ceil(1048576 / 0.94) = ceil(1115506.38)
     assert required_size(10 * GI, Fraction(0)) == 10 * GI
 
 
+def test_overhead_of_one_has_no_required_size() -> None:
+    with pytest.raises(OverheadError, match="no room"):
+        required_size(GI, Fraction(1))
+
+
 def test_usable_size_deflates_and_aligns_down() -> None:
-    # ceil(10 GiB / 1.06) = 10129639850 -> round down to MiB: 9660 MiB
-    assert usable_size(10 * GI, Fraction(6, 100)) == 9660 * MIB
+    # CDI's GetUsableSpace: ceil(10 GiB * 0.94) = 10093173146 -> round down to MiB: 9625 MiB
+    assert usable_size(10 * GI, Fraction(6, 100)) == 9625 * MIB
     assert usable_size(10 * GI, Fraction(0)) == 10 * GI
     assert usable_size(MIB - 1, Fraction(0)) == 0
 
@@ -65,5 +70,5 @@ def test_usable_of_required_fits_the_request() -> None:
 
 def test_resize_target_uses_smaller_of_space_and_request() -> None:
     overhead = Fraction(6, 100)
-    assert resize_target(requested=10 * GI, available=100 * GI, overhead=overhead) == 9660 * MIB
-    assert resize_target(requested=100 * GI, available=10 * GI, overhead=overhead) == 9660 * MIB
+    assert resize_target(requested=10 * GI, available=100 * GI, overhead=overhead) == 9625 * MIB
+    assert resize_target(requested=100 * GI, available=10 * GI, overhead=overhead) == 9625 * MIB
