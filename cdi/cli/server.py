@@ -27,6 +27,7 @@ import yaml
 from aiohttp import web
 
 from cdi.agent import ContainerRequired, LogNotFound, read_log, run_agent
+from cdi.controller.manager import run_controllers
 from cdi.kube.client import Client
 from cdi.kube.config import load_kubeconfig
 from cdi.kubeapi.app import ApiServer
@@ -57,6 +58,9 @@ class ServerSettings:
     http, so, as kube-apiserver's old insecure port, a request without a token acts as admin."""
     token_file: Path | None = None
     """Extra users: kube-apiserver's static token CSV (token,user,uid,"groups")."""
+    controllers: bool = True
+    """Run the CDI controllers (DataVolume, import, CDIConfig/StorageProfile) in this process,
+    talking to this API as any client would. Off: objects stay as clients write them."""
     local_node: bool = True
     """Run the local node: the agent (Pod objects as processes, files under <data_dir>/pods) and
     the provisioner (volumes under <data_dir>/volumes). Off: an API with nothing to run pods."""
@@ -86,7 +90,10 @@ def register(sub: Any) -> None:
     parser.add_argument("--insecure-http", action="store_true", help="plain HTTP (tests only)")
     parser.add_argument("--token-file", type=Path, help="static token CSV for more users")
     parser.add_argument(
-        "--no-local-node", action="store_true", help="serve the API only: no agent, no provisioner"
+        "--no-local-node", action="store_true", help="no agent and no provisioner in this process"
+    )
+    parser.add_argument(
+        "--no-controllers", action="store_true", help="no CDI controllers in this process"
     )
     parser.add_argument("--show-config", action="store_true", help="print the settings and exit")
     parser.set_defaults(handler=run)
@@ -100,6 +107,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         insecure_http=args.insecure_http,
         token_file=args.token_file,
         local_node=not args.no_local_node,
+        controllers=not args.no_controllers,
     )
 
 
@@ -264,6 +272,13 @@ async def serve(
                     run_agent(node_client, root=settings.data_dir, stop=node_stop), name="agent"
                 ),
             ]
+        if settings.controllers:
+            node.append(
+                asyncio.create_task(
+                    run_controllers(node_client, stop=node_stop, local=settings.local_node),
+                    name="controllers",
+                )
+            )
         print(f"cdi server: API at {url}", flush=True)
         print(
             f"cdi server: kubeconfig {settings.kubeconfig_path.resolve()} "

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from cdi.cli.server import ServerSettings, serve
 from cdi.kube.client import Client
@@ -38,13 +37,15 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def running_server(data_dir: Path) -> AsyncIterator[Cluster]:
-    options: dict[str, Any] = {}
-    if "local_node" in {f.name for f in dataclasses.fields(ServerSettings)}:
-        # Tests run the node agent and provisioner themselves, with short timings; a second
-        # pair started by serve() would run every pod twice.
-        options["local_node"] = False
+    # Tests run the node agent, provisioner and controllers themselves, with short timings; a
+    # second set started by serve() would run every pod twice and rewrite what tests watch.
     settings = ServerSettings(
-        data_dir=data_dir, host="127.0.0.1", port=0, insecure_http=True, **options
+        data_dir=data_dir,
+        host="127.0.0.1",
+        port=0,
+        insecure_http=True,
+        local_node=False,
+        controllers=False,
     )
     ready, stop = asyncio.Event(), asyncio.Event()
     server = asyncio.create_task(serve(settings, ready=ready, stop=stop))

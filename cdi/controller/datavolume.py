@@ -1,0 +1,432 @@
+"""The DataVolume reconciler: the DV's PVC, and the DV status derived from that PVC (CDI §3).
+
+Owns, per DataVolume (the primary key; PVCs it controls are watched): creating its PVC
+(`rendering.render_pvc`, owned by the DV), refusing to take over a PVC someone else owns
+(event `ErrResourceExists`, unless the DV is annotated `cdi.kubevirt.io/allowClaimAdoption`),
+and `status` — phase, `progress` (from the importer's metrics while it runs), `restartCount`,
+conditions Bound/Ready/Running and `claimName` — written through the status subresource only
+when it changed. Emits the events CDI emits on phase changes.
+
+Called by `cdi.controller.manager` through a `Controller`. Must not create or delete pods or
+write PVC annotations: the importer pod and the `storage.*` bookkeeping are
+`cdi.controller.importing`'s; this module only reads them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+import aiohttp
+
+from cdi.api import annotations as ann
+from cdi.api.groups import (
+    CDI_CONFIG,
+    CDI_CONFIG_NAME,
+    DATA_VOLUME,
+    PERSISTENT_VOLUME_CLAIM,
+    POD,
+    STORAGE_CLASS,
+    STORAGE_PROFILE,
+)
+from cdi.api.phases import (
+    ConditionReason,
+    ConditionStatus,
+    ConditionType,
+    DataVolumePhase,
+    PodPhase,
+    PVCPhase,
+)
+from cdi.controller.events import WARNING, record_event
+from cdi.controller.podspecs import owner_uid_for
+from cdi.controller.rendering import RenderError, render_pvc
+from cdi.controller.runtime import Request, Result
+from cdi.kube.client import Client
+from cdi.kube.errors import AlreadyExists, NotFound
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+PROGRESS_POLL: Final = 2.0
+"""Seconds between progress polls while the importer runs (CDI's requeue)."""
+METRICS_TIMEOUT: Final = 2.0
+METRICS_PORT: Final = 8443
+WAIT_POLL: Final = 5.0
+"""Seconds between looks at a DV that waits for something that sends it no event."""
+CONFIG_POLL: Final = 1.0
+"""Seconds between looks while the CDIConfig status (written by the manager) is missing."""
+PROGRESS_NONE: Final = "N/A"
+PROGRESS_DONE: Final = "100.0%"
+REASON_RESOURCE_EXISTS: Final = "ErrResourceExists"
+
+_IN_PROGRESS_PHASES: Final = frozenset(
+    {DataVolumePhase.IMPORT_SCHEDULED, DataVolumePhase.IMPORT_IN_PROGRESS}
+)
+_PHASE_EVENTS: Final[Mapping[str, tuple[str, str]]] = {
+    DataVolumePhase.IMPORT_SCHEDULED: ("ImportScheduled", "Import into {} scheduled"),
+    DataVolumePhase.IMPORT_IN_PROGRESS: ("ImportInProgress", "Import into {} in progress"),
+    DataVolumePhase.SUCCEEDED: ("ImportSucceeded", "Successfully imported into PVC {}"),
+    DataVolumePhase.FAILED: ("ErrImportFailed", "Failed to import into PVC {}"),
+    DataVolumePhase.PENDING: ("Pending", "PVC {} Pending"),
+    DataVolumePhase.PVC_BOUND: ("Bound", "PVC {} Bound"),
+}
+
+
+def progress_regex(owner_uid: str) -> re.Pattern[str]:
+    return re.compile(
+        r"kubevirt_cdi_import_progress_total\{ownerUID=\""
+        + re.escape(owner_uid)
+        + r"\"\} ([0-9.eE+-]+)"
+    )
+
+
+async def read_progress(pod_ip: str, owner_uid: str) -> str | None:
+    """ "NN.NN%" from an importer's metrics endpoint, None when it cannot be read (yet)."""
+    url = f"https://{pod_ip}:{METRICS_PORT}/metrics"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=METRICS_TIMEOUT)) as s,
+            s.get(url, ssl=False) as resp,
+        ):
+            text = await resp.text()
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return None
+    match = progress_regex(owner_uid).search(text)
+    if match is None:
+        return None
+    try:
+        return f"{float(match.group(1)):.2f}%"
+    except ValueError:
+        return None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(type_: str, status: str, reason: str, message: str) -> Obj:
+    return {"type": type_, "status": status, "reason": reason, "message": message}
+
+
+def _is_owned_by(pvc: Mapping[str, Any], dv: Mapping[str, Any]) -> bool:
+    uid = (dv.get("metadata") or {}).get("uid")
+    refs = (pvc.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid and ref.get("controller") is True for ref in refs)
+
+
+class DataVolumeReconciler:
+    """Reconciles one DataVolume key; see the module docstring."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def __call__(self, request: Request) -> Result:
+        try:
+            dv = await self.client.get(DATA_VOLUME, request.name, request.namespace)
+        except NotFound:
+            return Result()  # its PVC is owned by it: the garbage collector removes it
+        if (dv.get("metadata") or {}).get("deletionTimestamp"):
+            return Result()
+        try:
+            pvc: Obj | None = await self.client.get(
+                PERSISTENT_VOLUME_CLAIM, request.name, request.namespace
+            )
+        except NotFound:
+            pvc = None
+        if pvc is None:
+            created = await self._create_pvc(dv)
+            if created is None:
+                return Result(requeue_after=CONFIG_POLL)
+            pvc = created
+        elif not _is_owned_by(pvc, dv) and not await self._adopt(dv, pvc):
+            return Result(requeue_after=WAIT_POLL)
+        return await self._update_status(dv, pvc)
+
+    # --- the PVC ----------------------------------------------------------------------------
+    async def _create_pvc(self, dv: Obj) -> Obj | None:
+        ns, name = dv["metadata"]["namespace"], dv["metadata"]["name"]
+        try:
+            config = await self.client.get(CDI_CONFIG, CDI_CONFIG_NAME)
+        except NotFound:
+            log.info("%s/%s waiting for CDIConfig %s", ns, name, CDI_CONFIG_NAME)
+            return None
+        if not config.get("status"):
+            return None
+        classes, _ = await self.client.list(STORAGE_CLASS)
+        profiles, _ = await self.client.list(STORAGE_PROFILE)
+        try:
+            manifest = render_pvc(
+                dv,
+                storage_classes=classes,
+                storage_profiles=profiles,
+                cdi_config_status=dict(config["status"]),
+            )
+        except RenderError as err:
+            log.warning("%s/%s cannot render the PVC reason=%s error=%s", ns, name, err.reason, err)
+            await self._set_status(
+                dv,
+                phase=DataVolumePhase.PENDING,
+                progress=PROGRESS_NONE,
+                restarts=0,
+                conditions=[
+                    _condition(ConditionType.BOUND, ConditionStatus.FALSE, err.reason, str(err)),
+                    _condition(ConditionType.READY, ConditionStatus.FALSE, err.reason, str(err)),
+                    _condition(ConditionType.RUNNING, ConditionStatus.FALSE, "", ""),
+                ],
+                claim=None,
+                event=(err.reason, str(err)),
+            )
+            return None
+        try:
+            pvc = await self.client.create(PERSISTENT_VOLUME_CLAIM, manifest, ns)
+            log.info("%s/%s PVC created", ns, name)
+        except AlreadyExists:
+            pvc = await self.client.get(PERSISTENT_VOLUME_CLAIM, name, ns)
+            if not _is_owned_by(pvc, dv):
+                return pvc if await self._adopt(dv, pvc) else None
+        return pvc
+
+    async def _adopt(self, dv: Obj, pvc: Obj) -> bool:
+        ns, name = dv["metadata"]["namespace"], dv["metadata"]["name"]
+        dv_annotations = dv["metadata"].get("annotations") or {}
+        if dv_annotations.get(ann.ALLOW_CLAIM_ADOPTION) != "true":
+            message = f"Resource {name} already exists and is not managed by DataVolume"
+            log.warning("%s/%s PVC exists and is not ours", ns, name)
+            await self._set_status(
+                dv,
+                phase=DataVolumePhase.PENDING,
+                progress=PROGRESS_NONE,
+                restarts=0,
+                conditions=[
+                    _condition(
+                        ConditionType.BOUND, ConditionStatus.FALSE, REASON_RESOURCE_EXISTS, message
+                    ),
+                    _condition(
+                        ConditionType.READY, ConditionStatus.FALSE, REASON_RESOURCE_EXISTS, message
+                    ),
+                    _condition(ConditionType.RUNNING, ConditionStatus.FALSE, "", ""),
+                ],
+                claim=None,
+                event=(REASON_RESOURCE_EXISTS, message),
+            )
+            return False
+        refs = [r for r in pvc["metadata"].get("ownerReferences") or [] if not r.get("controller")]
+        refs.append(
+            {
+                "apiVersion": DATA_VOLUME.api_version,
+                "kind": DATA_VOLUME.kind,
+                "name": name,
+                "uid": dv["metadata"]["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        )
+        patch = {
+            "metadata": {
+                "ownerReferences": refs,
+                "resourceVersion": pvc["metadata"].get("resourceVersion"),
+                # An adopted claim holds its data already: nothing to import into it.
+                "annotations": {ann.POD_PHASE: PodPhase.SUCCEEDED.value},
+            }
+        }
+        updated = await self.client.patch(PERSISTENT_VOLUME_CLAIM, name, patch, ns)
+        pvc.clear()
+        pvc.update(updated)
+        log.info("%s/%s PVC adopted", ns, name)
+        return True
+
+    # --- the status -------------------------------------------------------------------------
+    async def _wffc(self, pvc: Mapping[str, Any]) -> bool:
+        annotations = pvc["metadata"].get("annotations") or {}
+        if annotations.get(ann.BIND_IMMEDIATE_REQUESTED) is not None:
+            return False
+        class_name = (pvc.get("spec") or {}).get("storageClassName")
+        if not class_name:
+            return False
+        try:
+            sc = await self.client.get(STORAGE_CLASS, str(class_name))
+        except NotFound:
+            return False
+        return bool(sc.get("volumeBindingMode") == "WaitForFirstConsumer")
+
+    async def _update_status(self, dv: Obj, pvc: Obj) -> Result:
+        ns, name = dv["metadata"]["namespace"], dv["metadata"]["name"]
+        old: Mapping[str, Any] = dv.get("status") or {}
+        annotations: Mapping[str, str] = pvc["metadata"].get("annotations") or {}
+        pvc_phase = (pvc.get("status") or {}).get("phase") or PVCPhase.PENDING
+        pod_phase = annotations.get(ann.POD_PHASE, "")
+        progress = str(old.get("progress") or PROGRESS_NONE)
+        requeue: float | None = None
+        old_phase = str(old.get("phase") or "")
+
+        if pvc_phase == PVCPhase.PENDING:
+            waiting = await self._wffc(pvc)
+            phase = DataVolumePhase.WAIT_FOR_FIRST_CONSUMER if waiting else DataVolumePhase.PENDING
+            if waiting:
+                requeue = WAIT_POLL
+            bound = _condition(
+                ConditionType.BOUND, ConditionStatus.FALSE, "Pending", f"PVC {name} Pending"
+            )
+        elif pvc_phase == PVCPhase.BOUND:
+            bound = _condition(
+                ConditionType.BOUND, ConditionStatus.TRUE, "Bound", f"PVC {name} Bound"
+            )
+            if annotations.get(ann.FATAL_ERROR) == "true":
+                phase = DataVolumePhase.FAILED
+            elif pod_phase == PodPhase.SUCCEEDED:
+                phase = DataVolumePhase.SUCCEEDED
+                progress = PROGRESS_DONE
+            elif pod_phase == PodPhase.RUNNING:
+                phase = DataVolumePhase.IMPORT_IN_PROGRESS
+                requeue = PROGRESS_POLL
+            elif pod_phase == PodPhase.PENDING:
+                phase = DataVolumePhase.IMPORT_SCHEDULED
+            elif pod_phase == PodPhase.FAILED:
+                # retrying: keep showing where it was
+                phase = (
+                    DataVolumePhase(old_phase)
+                    if old_phase in _IN_PROGRESS_PHASES
+                    else DataVolumePhase.IMPORT_SCHEDULED
+                )
+            elif ann.IMPORT_SOURCE in annotations or ann.IMPORT_ENDPOINT in annotations:
+                phase = DataVolumePhase.IMPORT_SCHEDULED
+            else:
+                phase = DataVolumePhase.PVC_BOUND
+        elif pvc_phase == PVCPhase.LOST:
+            phase = DataVolumePhase.FAILED
+            bound = _condition(
+                ConditionType.BOUND, ConditionStatus.FALSE, ConditionReason.CLAIM_LOST, "Claim Lost"
+            )
+        else:
+            phase = DataVolumePhase.UNKNOWN
+            bound = _condition(ConditionType.BOUND, ConditionStatus.UNKNOWN, "", "")
+        if bound_reason := annotations.get(ann.CONDITION_BOUND_REASON):
+            bound["reason"] = bound_reason
+            bound["message"] = annotations.get(ann.CONDITION_BOUND_MESSAGE, "")
+
+        run_status = (
+            ConditionStatus.TRUE
+            if annotations.get(ann.CONDITION_RUNNING) == "true"
+            else ConditionStatus.FALSE
+        )
+        running = _condition(
+            ConditionType.RUNNING,
+            run_status,
+            annotations.get(ann.CONDITION_RUNNING_REASON, ""),
+            annotations.get(ann.CONDITION_RUNNING_MESSAGE, ""),
+        )
+        if phase == DataVolumePhase.SUCCEEDED:
+            ready = _condition(ConditionType.READY, ConditionStatus.TRUE, "", "")
+        elif phase == DataVolumePhase.UNKNOWN:
+            ready = _condition(ConditionType.READY, ConditionStatus.UNKNOWN, "", "")
+        elif run_status == ConditionStatus.TRUE:
+            ready = _condition(
+                ConditionType.READY, ConditionStatus.FALSE, ConditionReason.TRANSFER_RUNNING, ""
+            )
+        else:
+            ready = _condition(ConditionType.READY, ConditionStatus.FALSE, "", "")
+
+        fresh = await self._progress(pvc) if phase == DataVolumePhase.IMPORT_IN_PROGRESS else None
+        if fresh is not None:
+            progress = fresh
+        try:
+            restarts = int(annotations.get(ann.POD_RESTARTS) or 0)
+        except ValueError:
+            restarts = 0
+        event: tuple[str, str] | None = None
+        if phase != old_phase and phase in _PHASE_EVENTS:
+            reason, pattern = _PHASE_EVENTS[phase]
+            message = pattern.format(name)
+            if phase == DataVolumePhase.FAILED:
+                message = annotations.get(ann.CONDITION_RUNNING_MESSAGE) or message
+            event = (reason, message)
+        await self._set_status(
+            dv,
+            phase=phase,
+            progress=progress,
+            restarts=restarts,
+            conditions=[bound, ready, running],
+            claim=name,
+            event=event,
+        )
+        if phase in (DataVolumePhase.SUCCEEDED, DataVolumePhase.FAILED):
+            return Result()
+        log.debug("%s/%s status phase=%s progress=%s", ns, name, phase, progress)
+        return Result(requeue_after=requeue)
+
+    async def _progress(self, pvc: Mapping[str, Any]) -> str | None:
+        annotations = pvc["metadata"].get("annotations") or {}
+        pod_name = annotations.get(ann.IMPORT_POD_NAME)
+        if not pod_name:
+            return None
+        try:
+            pod = await self.client.get(POD, pod_name, pvc["metadata"]["namespace"])
+        except NotFound:
+            return None
+        ip = (pod.get("status") or {}).get("podIP")
+        if not ip:
+            return None
+        return await read_progress(str(ip), owner_uid_for(pvc))
+
+    async def _set_status(
+        self,
+        dv: Obj,
+        *,
+        phase: DataVolumePhase,
+        progress: str,
+        restarts: int,
+        conditions: list[Obj],
+        claim: str | None,
+        event: tuple[str, str] | None,
+    ) -> None:
+        old: Mapping[str, Any] = dv.get("status") or {}
+        old_conditions = {c.get("type"): c for c in old.get("conditions") or []}
+        now = _now()
+        for cond in conditions:
+            before = old_conditions.get(cond["type"])
+            same = before is not None and all(
+                before.get(k) == cond[k] for k in ("status", "reason", "message")
+            )
+            cond["lastTransitionTime"] = (
+                before.get("lastTransitionTime", now) if same and before else now
+            )
+            cond["lastHeartbeatTime"] = (
+                before.get("lastHeartbeatTime", now) if same and before else now
+            )
+        status: Obj = {
+            "phase": phase.value,
+            "progress": progress,
+            "restartCount": restarts,
+            "conditions": conditions,
+        }
+        if claim:
+            status["claimName"] = claim
+        if status == {k: old.get(k) for k in status} and set(old) <= set(status):
+            return
+        body = dict(dv)
+        body["status"] = {**old, **status}
+        updated = await self.client.replace_status(DATA_VOLUME, body)
+        dv["metadata"], dv["status"] = updated["metadata"], updated.get("status") or {}
+        meta = dv["metadata"]
+        log.info(
+            "%s/%s status phase=%s progress=%s restarts=%d",
+            meta["namespace"],
+            meta["name"],
+            phase.value,
+            progress,
+            restarts,
+        )
+        if event is not None:
+            reason, message = event
+            warn = reason.startswith("Err") or phase == DataVolumePhase.FAILED
+            await record_event(
+                self.client,
+                {**dv, "apiVersion": DATA_VOLUME.api_version, "kind": DATA_VOLUME.kind},
+                reason,
+                message,
+                type_=WARNING if warn else "Normal",
+            )

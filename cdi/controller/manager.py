@@ -1,0 +1,113 @@
+"""Runs the controllers of the control plane: `run_controllers(client, stop=..., local=...)`.
+
+Owns wiring, not logic: the DataVolume controller (primary DataVolume, watching the PVCs it
+controls), the import controller (primary PVC, watching the importer pods it controls), and a
+small loop that keeps the CDIConfig `config` (created when missing; status from
+`config.cdiconfig_status`) and one StorageProfile per StorageClass (status from
+`config.storage_profile_status`) up to date.
+
+Called by `cdi server` (with its node client) and by tests. Must not interpret DataVolumes or
+PVCs itself: that is `cdi.controller.datavolume` and `cdi.controller.importing`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Final
+
+from cdi.api.groups import (
+    CDI_CONFIG,
+    CDI_CONFIG_NAME,
+    DATA_VOLUME,
+    PERSISTENT_VOLUME_CLAIM,
+    POD,
+    STORAGE_CLASS,
+    STORAGE_PROFILE,
+)
+from cdi.controller.config import cdiconfig_status, storage_profile_status
+from cdi.controller.datavolume import DataVolumeReconciler
+from cdi.controller.importing import ImportReconciler
+from cdi.controller.runtime import Controller
+from cdi.kube.client import Client
+from cdi.kube.errors import AlreadyExists, ApiError, NotFound
+
+log = logging.getLogger(__name__)
+
+CONFIG_INTERVAL: Final = 2.0
+"""Seconds between CDIConfig/StorageProfile refreshes: StorageClasses send us no events."""
+
+
+async def sync_config(client: Client) -> None:
+    """One pass: CDIConfig `config` and a StorageProfile per StorageClass, status up to date."""
+    classes, _ = await client.list(STORAGE_CLASS)
+    try:
+        config = await client.get(CDI_CONFIG, CDI_CONFIG_NAME)
+    except NotFound:
+        manifest = {
+            "apiVersion": CDI_CONFIG.api_version,
+            "kind": CDI_CONFIG.kind,
+            "metadata": {"name": CDI_CONFIG_NAME},
+            "spec": {},
+        }
+        try:
+            config = await client.create(CDI_CONFIG, manifest)
+            log.info("%s CDIConfig created", CDI_CONFIG_NAME)
+        except AlreadyExists:
+            config = await client.get(CDI_CONFIG, CDI_CONFIG_NAME)
+    status = cdiconfig_status(config.get("spec") or {}, classes)
+    if config.get("status") != status:
+        config["status"] = status
+        # CDI's CDIConfig CRD has no status subresource: status is written with the object.
+        await client.replace(CDI_CONFIG, config)
+        log.info("%s CDIConfig status updated", CDI_CONFIG_NAME)
+    for sc in classes:
+        name = str(sc["metadata"]["name"])
+        try:
+            profile: dict[str, Any] = await client.get(STORAGE_PROFILE, name)
+        except NotFound:
+            manifest = {
+                "apiVersion": STORAGE_PROFILE.api_version,
+                "kind": STORAGE_PROFILE.kind,
+                "metadata": {"name": name},
+                "spec": {},
+            }
+            try:
+                profile = await client.create(STORAGE_PROFILE, manifest)
+                log.info("%s StorageProfile created", name)
+            except AlreadyExists:
+                profile = await client.get(STORAGE_PROFILE, name)
+        wanted = storage_profile_status(sc, profile.get("spec"))
+        if profile.get("status") != wanted:
+            profile["status"] = wanted
+            await client.replace_status(STORAGE_PROFILE, profile)
+            log.info("%s StorageProfile status updated", name)
+
+
+async def _config_loop(client: Client, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await sync_config(client)
+        except ApiError as err:
+            log.warning("config sync failed error=%s", err)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), CONFIG_INTERVAL)
+
+
+async def run_controllers(client: Client, *, stop: asyncio.Event, local: bool) -> None:
+    """Run the DataVolume and import controllers and the config loop until `stop` is set."""
+    datavolumes = Controller(
+        client, name="datavolume", primary=DATA_VOLUME, reconcile=DataVolumeReconciler(client)
+    )
+    datavolumes.watch_owned(PERSISTENT_VOLUME_CLAIM, owner_kind=DATA_VOLUME.kind)
+    imports = Controller(
+        client,
+        name="import",
+        primary=PERSISTENT_VOLUME_CLAIM,
+        reconcile=ImportReconciler(client, local=local),
+    )
+    imports.watch_owned(POD, owner_kind=PERSISTENT_VOLUME_CLAIM.kind)
+    log.info("controllers starting local=%s", local)
+    await asyncio.gather(datavolumes.run(stop), imports.run(stop), _config_loop(client, stop))
+    log.info("controllers stopped")
