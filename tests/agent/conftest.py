@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from cdi.agent import AgentSettings, run_agent
 from cdi.provisioner import ProvisionerSettings, run_provisioner
-from tests.support.cluster import Cluster, running_server
+from tests.support.cluster import Cluster
 
 LOOP_STOP_TIMEOUT = 15.0
 AGENT_SETTINGS = AgentSettings(
@@ -23,21 +22,6 @@ AGENT_SETTINGS = AgentSettings(
     shutdown_grace=3.0,
 )
 PROVISIONER_SETTINGS = ProvisionerSettings(usage_interval=0.2, retry_delay=0.2)
-PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
-
-
-@pytest.fixture(autouse=True)
-def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A proxy set on the machine would route our 127.0.0.1 requests away."""
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with running_server(tmp_path / "cdi") as running:
-        yield running
 
 
 @pytest.fixture

@@ -35,7 +35,6 @@ from tests.agent.conftest import (
     AGENT_SETTINGS,
     LOOP_STOP_TIMEOUT,
     PROVISIONER_SETTINGS,
-    PROXY_VARIABLES,
 )
 from tests.support.cluster import Cluster, eventually, running_server
 from tests.support.httpserver import BadServer
@@ -43,14 +42,6 @@ from tests.support.images import MIB, compress, convert, patterned_raw, same_ima
 
 NS = "default"
 IMPORT_TIMEOUT = 40.0
-
-
-@pytest.fixture(autouse=True)
-def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A proxy set on the machine would route our 127.0.0.1 requests away."""
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
 
 
 @pytest.fixture

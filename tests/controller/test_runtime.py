@@ -16,7 +16,6 @@ import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +24,7 @@ from cdi.api.groups import CONFIG_MAP, DATA_VOLUME, SECRET, Resource
 from cdi.controller.runtime import BackoffSettings, Controller, Request, Result
 from cdi.kube.client import Client, WatchEvent
 from cdi.kube.errors import ApiError, Conflict, Gone, NotFound
-from tests.support.cluster import Cluster, eventually, running_server
+from tests.support.cluster import Cluster, eventually
 
 NS = "default"
 STOP_TIMEOUT = 10.0
@@ -34,22 +33,7 @@ FAST = BackoffSettings(initial=0.05, maximum=0.3, factor=2.0)
 EARLY = 0.01
 OWNER_LABEL = "test.cdi.kubevirt.io/owner"
 FOR_ANNOTATION = "test.cdi.kubevirt.io/for"
-PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
 RUNTIME_LOGGER = "cdi.controller.runtime"
-
-
-@pytest.fixture(autouse=True)
-def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A proxy set on the machine would route our 127.0.0.1 requests away."""
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with running_server(tmp_path / "cdi") as running:
-        yield running
 
 
 @contextlib.asynccontextmanager

@@ -8,17 +8,7 @@ import pytest
 
 from tests.support.httpserver import bad_server, bad_tls_server
 
-__all__ = ["bad_server", "bad_tls_server", "moto_endpoint", "no_proxy_env"]
-
-PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
-
-
-@pytest.fixture(autouse=True)
-def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A proxy set on the machine would route our 127.0.0.1 requests away; tests set their own."""
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
+__all__ = ["bad_server", "bad_tls_server", "moto_endpoint"]
 
 
 @pytest.fixture(scope="module")
