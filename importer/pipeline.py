@@ -46,7 +46,7 @@ from cdi.image.errors import (
     ImageTooLargeError,
     UnsafeImageError,
 )
-from cdi.image.formats import POINTER_LIMIT, InspectionResult, StreamInspector
+from cdi.image.formats import POINTER_LIMIT, WRAPPER_FORMATS, InspectionResult, StreamInspector
 from cdi.image.nbdkit import NbdkitServer, python_plugin_env
 from importer.archive import extract_tar, remove_created
 from importer.checksum import StreamHasher
@@ -79,7 +79,6 @@ HEAD_LIMIT = POINTER_LIMIT + (128 << 10)
 HEAD_IN_MEMORY = 8 << 20
 INSPECT_READ = 64 << 10
 COPY_BUFFER = 1 << 20
-WRAPPERS = frozenset({"gzip", "xz", "zstd", "bzip2", "tar"})
 PLUGIN_PATH = Path(importer.__file__).parent / "nbdkit_plugin.py"
 
 
@@ -241,8 +240,7 @@ class ImportRun:
                 raise ProcessingError(
                     "the source stream ended before the checksum could be checked"
                 )
-            if not hasher.matches():
-                self._cleanup_failed()
+            if not hasher.matches():  # run() removes what was written
                 raise ChecksumMismatchError(str(hasher.expected), str(hasher.calculated))
             log.info("checksum verified %s", hasher.expected)
         seconds = time.monotonic() - started
@@ -347,7 +345,7 @@ class ImportRun:
         assert space is not None
         if not result.safe:
             raise UnsafeImageError(result.problems, format_name=result.format)
-        if result.format in WRAPPERS:
+        if result.format in WRAPPER_FORMATS:
             raise FatalProcessingError(
                 f"the image is a {result.format} archive, not a disk image; import it with "
                 "contentType archive, or put a disk image inside"

@@ -17,10 +17,9 @@ from cdi.api import parse_size
 from cdi.api.quantity import QuantityError
 from cdi.image import qemuimg
 from cdi.image.errors import FormatError, ImageError, Problem
-from cdi.image.formats import DEFAULT_MAX_VIRTUAL_SIZE, inspect_file
+from cdi.image.formats import DEFAULT_MAX_VIRTUAL_SIZE, WRAPPER_FORMATS, inspect_file
 
 EXIT_OK, EXIT_ERROR, EXIT_REFUSED = 0, 1, 2
-WRAPPERS = {"gzip", "xz", "zstd", "bzip2", "tar"}
 
 
 def register(sub: Any) -> None:
@@ -75,7 +74,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         qemu = {"skipped": "--no-qemu"}
     elif problems:
         qemu = {"skipped": "the inspector refused the image, so qemu-img never opened it"}
-    elif result.compression or result.format in WRAPPERS:
+    elif result.compression or result.format in WRAPPER_FORMATS:
         qemu = {"skipped": "compressed or archived: qemu-img checks the image after decompression"}
     else:
         try:
