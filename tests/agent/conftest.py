@@ -8,20 +8,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from cdi.agent import AgentSettings, run_agent
-from cdi.provisioner import ProvisionerSettings, run_provisioner
+from cdi.agent import run_agent
+from cdi.provisioner import run_provisioner
 from tests.support.cluster import Cluster
+from tests.support.stack import AGENT_SETTINGS, LOOP_STOP_TIMEOUT, PROVISIONER_SETTINGS
 
-LOOP_STOP_TIMEOUT = 15.0
-AGENT_SETTINGS = AgentSettings(
-    backoff_base=0.2,
-    backoff_max=1.0,
-    poll_interval=0.1,
-    memory_poll=0.05,
-    max_grace=3.0,
-    shutdown_grace=3.0,
-)
-PROVISIONER_SETTINGS = ProvisionerSettings(usage_interval=0.2, retry_delay=0.2)
+__all__ = ["AGENT_SETTINGS", "LOOP_STOP_TIMEOUT", "PROVISIONER_SETTINGS"]
 
 
 @pytest.fixture

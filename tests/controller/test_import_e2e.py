@@ -10,123 +10,35 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from cdi.agent import run_agent
 from cdi.api import annotations as ann
 from cdi.api.groups import (
     CDI_CONFIG,
     CDI_CONFIG_NAME,
     DATA_VOLUME,
     EVENT,
-    PERSISTENT_VOLUME,
     PERSISTENT_VOLUME_CLAIM,
     POD,
 )
 from cdi.controller.manager import run_controllers
-from cdi.kube.client import Client
 from cdi.kube.errors import NotFound
-from cdi.provisioner import run_provisioner, volume_path
-from tests.agent.conftest import (
-    AGENT_SETTINGS,
-    LOOP_STOP_TIMEOUT,
-    PROVISIONER_SETTINGS,
+from tests.support.cluster import Cluster, eventually
+from tests.support.dv import (
+    IMPORT_TIMEOUT,
+    NS,
+    blank_dv,
+    conditions,
+    disk_of,
+    dv_in,
+    http_dv,
+    pods,
 )
-from tests.support.cluster import Cluster, eventually, running_server
+from tests.support.dv import no_pods as _no_pods
 from tests.support.httpserver import BadServer
 from tests.support.images import MIB, compress, convert, patterned_raw, same_image
-
-NS = "default"
-IMPORT_TIMEOUT = 40.0
-
-
-@pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[Cluster]:
-    """Server, provisioner and agent, stopped afterwards; no controllers."""
-    async with running_server(tmp_path / "cdi") as cluster:
-        stop = asyncio.Event()
-        client = cluster.client
-        tasks = [
-            asyncio.create_task(
-                run_provisioner(
-                    client, root=cluster.data_dir, stop=stop, settings=PROVISIONER_SETTINGS
-                )
-            ),
-            asyncio.create_task(
-                run_agent(client, root=cluster.data_dir, stop=stop, settings=AGENT_SETTINGS)
-            ),
-        ]
-        try:
-            yield cluster
-        finally:
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*tasks), LOOP_STOP_TIMEOUT)
-
-
-@pytest.fixture
-async def stack(node: Cluster) -> AsyncIterator[Cluster]:
-    """`node` plus the controllers."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_controllers(node.client, stop=stop, local=True))
-    try:
-        yield node
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, LOOP_STOP_TIMEOUT)
-
-
-def http_dv(name: str, url: str, *, size: str = "64Mi", **source: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": DATA_VOLUME.api_version,
-        "kind": DATA_VOLUME.kind,
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "source": {"http": {"url": url, **source}},
-            "storage": {"resources": {"requests": {"storage": size}}},
-        },
-    }
-
-
-def blank_dv(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": DATA_VOLUME.api_version,
-        "kind": DATA_VOLUME.kind,
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "source": {"blank": {}},
-            "storage": {"resources": {"requests": {"storage": "8Mi"}}},
-        },
-    }
-
-
-async def dv_in(
-    client: Client, name: str, *phases: str, within: float = IMPORT_TIMEOUT
-) -> dict[str, Any]:
-    async def probe() -> dict[str, Any] | None:
-        dv = await client.get(DATA_VOLUME, name, NS)
-        return dv if (dv.get("status") or {}).get("phase") in phases else None
-
-    return await eventually(probe, within=within, interval=0.1, what=f"dv {name} in {phases}")
-
-
-def conditions(dv: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {c["type"]: c for c in dv["status"]["conditions"]}
-
-
-async def disk_of(client: Client, pvc_name: str) -> Path:
-    pvc = await client.get(PERSISTENT_VOLUME_CLAIM, pvc_name, NS)
-    path = volume_path(await client.get(PERSISTENT_VOLUME, pvc["spec"]["volumeName"]))
-    assert path is not None
-    return path / "disk.img"
-
-
-async def pods(client: Client) -> list[str]:
-    items, _ = await client.list(POD, NS)
-    return [str(p["metadata"]["name"]) for p in items]
+from tests.support.stack import LOOP_STOP_TIMEOUT
 
 
 async def test_http_qcow2_and_blank_succeed(stack: Cluster, tmp_path: Path) -> None:
@@ -160,10 +72,6 @@ async def test_http_qcow2_and_blank_succeed(stack: Cluster, tmp_path: Path) -> N
     events, _ = await client.list(EVENT, NS)
     reasons = {e["reason"] for e in events if e["involvedObject"]["name"] == "web"}
     assert {"ImportScheduled", "ImportSucceeded"} <= reasons, reasons
-
-
-async def _no_pods(client: Client) -> bool:
-    return not await pods(client)
 
 
 async def test_checksum_mismatch_fails_for_good(stack: Cluster, tmp_path: Path) -> None:
