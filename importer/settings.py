@@ -8,7 +8,7 @@ importer reads `os.environ`.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -69,6 +69,8 @@ class ImporterSettings:
     access_key_id: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
     cert_dir: Path | None = None
+    proxy_cert_dir: Path | None = None
+    """CAs of the import proxy (CDIConfig importProxy.trustedCAProxy), trusted next to cert_dir."""
     insecure_tls: bool = False
     extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     checksum: Checksum | None = None
@@ -135,11 +137,8 @@ class ImporterSettings:
             except ValueError as err:
                 raise SettingsError(env.IMPORTER_CHECKSUM, str(err)) from None
 
-        cert_dir = None
-        if raw_cert_dir := get(env.IMPORTER_CERT_DIR):
-            cert_dir = Path(raw_cert_dir)
-            if not cert_dir.is_dir():
-                raise SettingsError(env.IMPORTER_CERT_DIR, f"{raw_cert_dir} is not a directory")
+        cert_dir = _directory(get, env.IMPORTER_CERT_DIR)
+        proxy_cert_dir = _directory(get, env.IMPORTER_PROXY_CERT_DIR)
 
         stall = DEFAULT_STALL_TIMEOUT
         if raw_stall := get(CDI_STALL_TIMEOUT):
@@ -178,6 +177,7 @@ class ImporterSettings:
             access_key_id=get(env.IMPORTER_ACCESS_KEY_ID) or None,
             secret_key=get(env.IMPORTER_SECRET_KEY) or None,
             cert_dir=cert_dir,
+            proxy_cert_dir=proxy_cert_dir,
             insecure_tls=_parse_bool(e, env.INSECURE_TLS),
             extra_headers=headers,
             checksum=checksum,
@@ -198,6 +198,16 @@ def _parse_listen_address(variable: str, value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise SettingsError(variable, f"{value!r} is not host:port, :port or off")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - CDI serves metrics on all interfaces
+
+
+def _directory(get: Callable[[str], str], name: str) -> Path | None:
+    raw = get(name)
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_dir():
+        raise SettingsError(name, f"{raw} is not a directory")
+    return path
 
 
 def _parse_bool(e: Mapping[str, str], name: str) -> bool:

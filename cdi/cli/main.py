@@ -10,7 +10,7 @@ import logging
 import sys
 
 from cdi import __version__
-from cdi.cli import image, server
+from cdi.cli import controller, datavolumes, image, server
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     image.register(sub)
     server.register(sub)
+    datavolumes.register(sub)
+    controller.register(sub)
     return parser
 
 

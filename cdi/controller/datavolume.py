@@ -14,6 +14,7 @@ write PVC annotations: the importer pod and the `storage.*` bookkeeping are
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import re
@@ -106,6 +107,13 @@ async def read_progress(pod_ip: str, owner_uid: str) -> str | None:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(text: str) -> datetime.datetime:
+    try:
+        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    except ValueError:
+        return datetime.datetime.now(datetime.UTC)
 
 
 def _condition(type_: str, status: str, reason: str, message: str) -> Obj:
@@ -353,10 +361,62 @@ class DataVolumeReconciler:
             claim=name,
             event=event,
         )
-        if phase in (DataVolumePhase.SUCCEEDED, DataVolumePhase.FAILED):
+        if phase == DataVolumePhase.SUCCEEDED:
+            return await self._collect_garbage(dv, pvc)
+        if phase == DataVolumePhase.FAILED:
             return Result()
         log.debug("%s/%s status phase=%s progress=%s", ns, name, phase, progress)
         return Result(requeue_after=requeue)
+
+    async def _collect_garbage(self, dv: Obj, pvc: Obj) -> Result:
+        """Opt-in DataVolume garbage collection: with CDIConfig `spec.dataVolumeTTLSeconds` set
+        (>= 0), a DataVolume that Succeeded that long ago is deleted and its PVC kept, handed to
+        the DataVolume's own owners. Off by default: deleting objects users applied breaks
+        GitOps tools, which then re-create them (CDI's default GC did exactly that). A DV
+        annotated `cdi.kubevirt.io/storage.deleteAfterCompletion: "false"` is always kept."""
+        annotations = dv["metadata"].get("annotations") or {}
+        if annotations.get(ann.DELETE_AFTER_COMPLETION) == "false":
+            return Result()
+        try:
+            config = await self.client.get(CDI_CONFIG, CDI_CONFIG_NAME)
+        except NotFound:
+            return Result()
+        ttl = (config.get("spec") or {}).get("dataVolumeTTLSeconds")
+        if not isinstance(ttl, int) or ttl < 0:
+            return Result()
+        ready = next(
+            (c for c in dv["status"].get("conditions") or [] if c.get("type") == "Ready"), {}
+        )
+        since = _parse_time(str(ready.get("lastTransitionTime") or ""))
+        left = ttl - (datetime.datetime.now(datetime.UTC) - since).total_seconds()
+        if left > 0:
+            return Result(requeue_after=left)
+        ns, name = dv["metadata"]["namespace"], dv["metadata"]["name"]
+        uid = dv["metadata"]["uid"]
+        refs = [r for r in pvc["metadata"].get("ownerReferences") or [] if r.get("uid") != uid]
+        refs += [dict(r) for r in dv["metadata"].get("ownerReferences") or []]
+        await self.client.patch(
+            PERSISTENT_VOLUME_CLAIM,
+            name,
+            {
+                "metadata": {
+                    "ownerReferences": refs or None,
+                    "resourceVersion": pvc["metadata"].get("resourceVersion"),
+                }
+            },
+            ns,
+        )
+        log.info("%s/%s garbage collected after %ss; PVC kept", ns, name, ttl)
+        await record_event(
+            self.client,
+            {**dv, "apiVersion": DATA_VOLUME.api_version, "kind": DATA_VOLUME.kind},
+            "GarbageCollected",
+            f"DataVolume {name} deleted {ttl}s after it succeeded (CDIConfig "
+            "dataVolumeTTLSeconds); its PVC is kept",
+        )
+        with contextlib.suppress(NotFound):
+            await self.client.delete(DATA_VOLUME, name, ns, uid=uid)
+        return Result()
 
     async def _progress(self, pvc: Mapping[str, Any]) -> str | None:
         annotations = pvc["metadata"].get("annotations") or {}

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from cdi.api import SourceType, VolumeMode
 from cdi.api import annotations as ann
-from cdi.api.groups import CDI_CONFIG, CDI_CONFIG_NAME, PERSISTENT_VOLUME_CLAIM, POD
+from cdi.api.groups import CDI_CONFIG, CDI_CONFIG_NAME, CONFIG_MAP, PERSISTENT_VOLUME_CLAIM, POD
 from cdi.api.phases import ConditionReason, PodPhase, PVCPhase
 from cdi.api.termination import TerminationMessage, TerminationMessageError
 from cdi.controller import naming
@@ -39,12 +39,16 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
 IMPORTER_IMAGE: Final = "quay.io/kubevirt/cdi-importer:latest"
+#: Where CDI's own objects live (the import proxy's CA ConfigMap among them).
+CDI_NAMESPACE: Final = "cdi"
 #: Substrings of an importer failure message that no retry can fix.
 FATAL_MARKERS: Final = ("checksum mismatch", "refusing unsafe", "A larger PVC is required")
 #: Seconds between polls while a pod we deleted is still going away.
 GONE_POLL: Final = 0.5
 #: Seconds between looks while the CDIConfig status (written by the manager) is missing.
 CONFIG_POLL: Final = 1.0
+#: Seconds between looks for something that sends no event (the proxy CA ConfigMap).
+WAIT_POLL: Final = 2.0
 
 
 def is_import_pvc(pvc: Mapping[str, Any]) -> bool:
@@ -88,35 +92,72 @@ def _terminated_message(terminated: Mapping[str, Any]) -> str:
     return _first_line(text)
 
 
+#: Waiting reasons that mean the image could not be pulled (CDI: reason ImagePullFailed).
+IMAGE_PULL_WAITING: Final = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName"})
+#: Waiting reasons that say nothing new: the last termination explains more.
+UNINFORMATIVE_WAITING: Final = frozenset({"CrashLoopBackOff", "ContainerCreating", ""})
+MESSAGE_UNSCHEDULABLE: Final = "Importer pod cannot be scheduled"
+PULL_FAILED_MARKER: Final = "failed to pull image"
+
+
+def _schedulable(pod: Mapping[str, Any]) -> str | None:
+    """`storage.pod.schedulable`: "false" while the pod is Unschedulable, "true" once it was
+    scheduled, None while the pod says neither."""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") != "PodScheduled":
+            continue
+        if cond.get("status") == "True":
+            return "true"
+        if cond.get("reason") == ConditionReason.UNSCHEDULABLE:
+            return "false"
+    return None
+
+
 def running_annotations(pod: Mapping[str, Any]) -> dict[str, str]:
-    """`storage.condition.running*` from the importer container's state (CDI §3.2)."""
+    """`storage.condition.running*` and `storage.pod.schedulable` from the importer pod (CDI
+    §3.2): running, then a terminated state, then an informative waiting state (a missing
+    secret, a failed pull), then the previous termination, then an Unschedulable pod."""
+    scheduled = _schedulable(pod)
+    schedulable = {ann.POD_SCHEDULABLE: scheduled} if scheduled else {}
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    if not statuses:
-        return {}
-    status = statuses[0]
+    status = statuses[0] if statuses else {}
     state = status.get("state") or {}
     last = status.get("lastState") or {}
-    if "running" in state:
-        return {
-            ann.CONDITION_RUNNING: "true",
-            ann.CONDITION_RUNNING_REASON: ConditionReason.POD_RUNNING.value,
-            ann.CONDITION_RUNNING_MESSAGE: "",
-        }
-    terminated = state.get("terminated") or last.get("terminated")
-    if terminated:
-        return {
-            ann.CONDITION_RUNNING: "false",
-            ann.CONDITION_RUNNING_REASON: str(terminated.get("reason") or "Error"),
-            ann.CONDITION_RUNNING_MESSAGE: _terminated_message(terminated),
-        }
     waiting = state.get("waiting") or {}
-    if waiting:
-        return {
-            ann.CONDITION_RUNNING: "false",
-            ann.CONDITION_RUNNING_REASON: str(waiting.get("reason") or ""),
-            ann.CONDITION_RUNNING_MESSAGE: str(waiting.get("message") or ""),
-        }
-    return {}
+    waiting_reason = str(waiting.get("reason") or "")
+    if "running" in state:
+        running = ("true", ConditionReason.POD_RUNNING.value, "")
+    elif terminated := state.get("terminated"):
+        running = _terminated(terminated)
+    elif waiting_reason in IMAGE_PULL_WAITING:
+        image = str(status.get("image") or "")
+        message = f"{PULL_FAILED_MARKER}: {image}" if image else PULL_FAILED_MARKER
+        running = ("false", ConditionReason.IMAGE_PULL_FAILED.value, message)
+    elif waiting and waiting_reason not in UNINFORMATIVE_WAITING:
+        running = ("false", waiting_reason, str(waiting.get("message") or ""))
+    elif terminated := last.get("terminated"):
+        running = _terminated(terminated)
+    elif scheduled == "false":
+        running = ("false", ConditionReason.UNSCHEDULABLE.value, MESSAGE_UNSCHEDULABLE)
+    elif waiting:
+        running = ("false", waiting_reason, str(waiting.get("message") or ""))
+    else:
+        return schedulable
+    flag, reason, message = running
+    return {
+        **schedulable,
+        ann.CONDITION_RUNNING: flag,
+        ann.CONDITION_RUNNING_REASON: reason,
+        ann.CONDITION_RUNNING_MESSAGE: message,
+    }
+
+
+def _terminated(terminated: Mapping[str, Any]) -> tuple[str, str, str]:
+    message = _terminated_message(terminated)
+    reason = str(terminated.get("reason") or "Error")
+    if PULL_FAILED_MARKER in message:
+        reason = ConditionReason.IMAGE_PULL_FAILED.value
+    return "false", reason, message
 
 
 def _failed_terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -133,10 +174,18 @@ def _failed_terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
 class ImportReconciler:
     """Reconciles one PVC key; see the module docstring."""
 
-    def __init__(self, client: Client, *, local: bool, image: str = IMPORTER_IMAGE) -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        local: bool,
+        image: str = IMPORTER_IMAGE,
+        cdi_namespace: str = CDI_NAMESPACE,
+    ) -> None:
         self.client = client
         self.local = local
         self.image = image
+        self.cdi_namespace = cdi_namespace
 
     async def __call__(self, request: Request) -> Result:
         try:
@@ -177,6 +226,11 @@ class ImportReconciler:
             return await self._start(pvc, pod_name)
         if annotations.get(ann.REQUIRES_SCRATCH) == "true":
             await self._ensure_scratch(pvc, pod)
+        if (pod.get("status") or {}).get("phase", PodPhase.PENDING) == PodPhase.PENDING:
+            status, _ = await self._config()
+            if not await self._copy_proxy_ca(pvc, status):
+                await self._mirror(pvc, pod)
+                return Result(requeue_after=WAIT_POLL)
         return await self._mirror(pvc, pod)
 
     def _blank_without_pod(self, pvc: Mapping[str, Any]) -> bool:
@@ -225,6 +279,7 @@ class ImportReconciler:
             )
             return Result()
         manifest["metadata"]["name"] = pod_name
+        await self._copy_proxy_ca(pvc, status)
         try:
             pod = await self.client.create(POD, manifest, ns)
             log.info("%s/%s importer pod created pod=%s scratch=%s", ns, name, pod_name, scratch)
@@ -240,6 +295,60 @@ class ImportReconciler:
         if scratch:
             await self._ensure_scratch(pvc, pod)
         return Result()
+
+    async def _copy_proxy_ca(self, pvc: Obj, cdi_config_status: Mapping[str, Any]) -> bool:
+        """Copy CDIConfig importProxy.trustedCAProxy (a ConfigMap of the CDI namespace) next to
+        the PVC as `import-proxy-cm-<pvc>`, owned by the PVC: pods mount only ConfigMaps of
+        their own namespace. A missing source leaves the pod waiting for the copy, as CDI, and
+        answers False: nothing sends us an event when it appears."""
+        proxy = cdi_config_status.get("importProxy") or {}
+        source_name = str(proxy.get("trustedCAProxy") or "")
+        if not source_name:
+            return True
+        meta = pvc["metadata"]
+        ns, name = str(meta["namespace"]), str(meta["name"])
+        copy_name = naming.import_proxy_config_map_name(name)
+        try:
+            await self.client.get(CONFIG_MAP, copy_name, ns)
+            return True
+        except NotFound:
+            pass
+        try:
+            source = await self.client.get(CONFIG_MAP, source_name, self.cdi_namespace)
+        except NotFound:
+            log.warning(
+                "%s/%s import proxy CA configmap %s/%s not found",
+                ns,
+                name,
+                self.cdi_namespace,
+                source_name,
+            )
+            return False
+        copy = {
+            "apiVersion": CONFIG_MAP.api_version,
+            "kind": CONFIG_MAP.kind,
+            "metadata": {
+                "name": copy_name,
+                "namespace": ns,
+                "labels": {ann.LABEL_APP: ann.LABEL_APP_VALUE},
+                "ownerReferences": [
+                    {
+                        "apiVersion": PERSISTENT_VOLUME_CLAIM.api_version,
+                        "kind": PERSISTENT_VOLUME_CLAIM.kind,
+                        "name": name,
+                        "uid": str(meta.get("uid", "")),
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+            },
+            "data": dict(source.get("data") or {}),
+        }
+        try:
+            await self.client.create(CONFIG_MAP, copy, ns)
+            log.info("%s/%s import proxy CA copied configmap=%s", ns, name, copy_name)
+        except AlreadyExists:
+            pass
+        return True
 
     async def _ensure_scratch(self, pvc: Obj, pod: Obj) -> None:
         status, _ = await self._config()
@@ -365,6 +474,13 @@ class ImportReconciler:
             pass
         else:
             await self._delete(POD, pod_name, request.namespace)
+        copy_name = naming.import_proxy_config_map_name(request.name)
+        try:
+            await self.client.get(CONFIG_MAP, copy_name, request.namespace)
+        except NotFound:
+            pass
+        else:
+            await self._delete(CONFIG_MAP, copy_name, request.namespace)
         if scratch:
             scratch_name = naming.scratch_pvc_name(request.name)
             try:

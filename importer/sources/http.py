@@ -33,10 +33,15 @@ _STREAM_ERRORS = (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnec
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
-def ca_bundle_files(cert_dir: Path | None) -> list[Path]:
-    if cert_dir is None:
-        return []
-    return sorted(p for p in cert_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+def ca_bundle_files(settings: ImporterSettings) -> list[Path]:
+    """Every CA file to trust: the source's cert dir, then the import proxy's."""
+    found: list[Path] = []
+    for directory in (settings.cert_dir, settings.proxy_cert_dir):
+        if directory is not None:
+            found += sorted(
+                p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")
+            )
+    return found
 
 
 def build_ssl_context(settings: ImporterSettings) -> ssl.SSLContext:
@@ -45,13 +50,13 @@ def build_ssl_context(settings: ImporterSettings) -> ssl.SSLContext:
     if settings.insecure_tls:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    for path in ca_bundle_files(settings.cert_dir):
+    for path in ca_bundle_files(settings):
         try:
             ctx.load_verify_locations(cafile=str(path))
         except (ssl.SSLError, ValueError) as err:
             raise SourceError(
                 "http",
-                f"certificate file {path.name} in IMPORTER_CERT_DIR is not "
+                f"certificate file {path.name} in {path.parent} is not "
                 f"a PEM certificate: {err}",
             ) from None
     return ctx
@@ -258,7 +263,7 @@ class HttpSource:
         headers = dict(self._headers)
         if self._auth is not None:
             headers["Authorization"] = self._auth.encode()
-        ca = ca_bundle_files(self._settings.cert_dir)
+        ca = ca_bundle_files(self._settings)
         return {
             "kind": "http",
             "url": self._info.url,

@@ -65,7 +65,7 @@ class S3Source:
         self.endpoint, self.bucket, self.key, self.region = parse_s3_url(settings.endpoint)
         self._info: SourceInfo | None = None
         self._bundle: str | None = None
-        ca = ca_bundle_files(settings.cert_dir)
+        ca = ca_bundle_files(settings)
         verify: bool | str = not settings.insecure_tls
         if ca and not settings.insecure_tls:
             verify = str(ca[0])  # botocore takes one bundle file; CDI mounts one CA per configmap
@@ -146,7 +146,7 @@ class S3Source:
             "url": self._settings.endpoint,
             "size": self._info.size,
             "headers": {},
-            "ca_files": [str(p) for p in ca_bundle_files(self._settings.cert_dir)],
+            "ca_files": [str(p) for p in ca_bundle_files(self._settings)],
             "insecure": self._settings.insecure_tls,
             "timeout": self._settings.stall_timeout,
             "s3": {

@@ -91,3 +91,79 @@ def test_space_errors_read_as_too_small() -> None:
     }
     message = running_annotations(pod)[ann.CONDITION_RUNNING_MESSAGE]
     assert message == "DataVolume too small to contain image"
+
+
+def _waiting(reason: str, message: str = "", **extra: Any) -> dict[str, Any]:
+    return {
+        "status": {
+            "containerStatuses": [
+                {
+                    "image": "quay.io/kubevirt/cdi-importer:latest",
+                    **extra,
+                    "state": {"waiting": {"reason": reason, "message": message}},
+                }
+            ]
+        }
+    }
+
+
+def test_pull_failures_read_as_image_pull_failed() -> None:
+    for reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
+        got = running_annotations(_waiting(reason, "rpc error: not found"))
+        assert got[ann.CONDITION_RUNNING_REASON] == "ImagePullFailed"
+        assert got[ann.CONDITION_RUNNING_MESSAGE] == (
+            "failed to pull image: quay.io/kubevirt/cdi-importer:latest"
+        )
+    terminated = {
+        "status": {
+            "containerStatuses": [
+                {
+                    "state": {
+                        "terminated": {
+                            "exitCode": 1,
+                            "reason": "Error",
+                            "message": "failed to pull image: docker://x/y:wrongtag",
+                        }
+                    }
+                }
+            ]
+        }
+    }
+    assert running_annotations(terminated)[ann.CONDITION_RUNNING_REASON] == "ImagePullFailed"
+
+
+def test_a_missing_secret_wins_over_the_last_failure() -> None:
+    # The retry after a failure waits for a secret that was deleted since: the waiting message
+    # says what to fix now, the old termination does not.
+    pod = _waiting(
+        "CreateContainerConfigError",
+        'secret "creds" not found',
+        lastState={"terminated": {"exitCode": 1, "reason": "Error", "message": "HTTP 401"}},
+    )
+    got = running_annotations(pod)
+    assert got[ann.CONDITION_RUNNING_REASON] == "CreateContainerConfigError"
+    assert got[ann.CONDITION_RUNNING_MESSAGE] == 'secret "creds" not found'
+
+
+def test_unschedulable_pod() -> None:
+    pod: dict[str, Any] = {
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": 'persistentvolumeclaim "x-scratch" is not bound',
+                }
+            ],
+        }
+    }
+    got = running_annotations(pod)
+    assert got[ann.POD_SCHEDULABLE] == "false"
+    assert got[ann.CONDITION_RUNNING] == "false"
+    assert got[ann.CONDITION_RUNNING_REASON] == "Unschedulable"
+    assert got[ann.CONDITION_RUNNING_MESSAGE] == "Importer pod cannot be scheduled"
+    pod["status"]["conditions"][0].update(status="True", reason="", message="")
+    pod["status"]["containerStatuses"] = [{"state": {"running": {}}}]
+    assert running_annotations(pod)[ann.POD_SCHEDULABLE] == "true"

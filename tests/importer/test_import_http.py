@@ -386,3 +386,31 @@ def test_no_proxy_is_honoured(bad_server: BadServer, box: Sandbox, base: Path) -
     result = box.run(**http_env(url), http_proxy="http://127.0.0.1:9", no_proxy="127.0.0.1")
     assert result.returncode == 0, result.stderr
     assert same_image(base, box.disk)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_proxy_ca_dir_is_trusted_too(
+    bad_tls_server: BadServer, box: Sandbox, base: Path, tmp_path: Path, fmt: str
+) -> None:
+    # CDIConfig importProxy.trustedCAProxy reaches the importer as IMPORTER_PROXY_CERT_DIR; a
+    # TLS-intercepting proxy presents certificates of that CA, so it must verify the source.
+    proxy_certs = tmp_path / "proxycerts"
+    proxy_certs.mkdir()
+    assert bad_tls_server.ca_file
+    (proxy_certs / "ca.crt").write_bytes(Path(bad_tls_server.ca_file).read_bytes())
+    image = base if fmt == "raw" else convert(base, tmp_path / "img.qcow2", "qcow2")
+    result = box.run(
+        **http_env(serve(bad_tls_server, image)), IMPORTER_PROXY_CERT_DIR=str(proxy_certs)
+    )
+    assert result.returncode == 0, result.stderr
+    assert same_image(base, box.disk)
+
+
+def test_proxy_ca_dir_missing_is_a_settings_error(box: Sandbox, tmp_path: Path) -> None:
+    result = box.run(
+        **http_env("https://127.0.0.1:9/img.raw"),
+        IMPORTER_PROXY_CERT_DIR=str(tmp_path / "absent"),
+    )
+    assert result.returncode == 1
+    assert "IMPORTER_PROXY_CERT_DIR" in result.termination
+    assert "is not a directory" in result.termination
