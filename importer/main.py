@@ -83,7 +83,12 @@ def run(settings: ImporterSettings) -> int:
     metrics = None
     if settings.metrics_addr:
         host, port = parse_listen_address(settings.metrics_addr)
-        metrics = MetricsServer(progress, host, port)
+        try:
+            metrics = MetricsServer(progress, host, port)
+        except OSError as err:
+            # As CDI's importer: the metrics endpoint is best effort (progress shows N/A), and
+            # an address in use must not fail the import, let alone as a traceback.
+            log.warning("metrics not served addr=%s error=%s", settings.metrics_addr, err)
     try:
         message = asyncio.run(run_import(settings, progress))
     except ScratchSpaceRequired as err:

@@ -129,6 +129,17 @@ def _safe_relative(path: str) -> PurePosixPath:
     return rel
 
 
+def _gather(root: Path, base: str, below: Mapping[str, Path]) -> Path:
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    for mount, local in below.items():
+        link = root / _safe_relative(mount[len(base.rstrip("/")) + 1 :].strip("/"))
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(local)
+    return root
+
+
 def _write_files(directory: Path, files: Mapping[str, bytes], mode: int) -> None:
     if directory.exists():
         shutil.rmtree(directory)
@@ -453,7 +464,15 @@ async def plan_container(
     # Unmounted well-known paths point at nothing rather than at this machine's /data.
     absent = workdir / "not-mounted"
     for mount_path, variable in (MOUNT_VARIABLES | DEVICE_VARIABLES).items():
-        env[variable] = str(table.get(mount_path, absent / mount_path.strip("/")))
+        local = table.get(mount_path)
+        if local is None:
+            # Volumes mounted below a well-known path (CDI mounts each secret of extra headers
+            # at /extraheaders/<i>) are gathered into one directory of symlinks, as the
+            # container would see them under that path.
+            below = {m: p for m, p in table.items() if m.startswith(mount_path.rstrip("/") + "/")}
+            if below:
+                local = _gather(workdir / "gathered" / mount_path.strip("/"), mount_path, below)
+        env[variable] = str(local if local is not None else absent / mount_path.strip("/"))
     for mount_path, local in table.items():
         env[mount_variable(mount_path)] = str(local)
 

@@ -63,6 +63,7 @@ CONFIG_POLL: Final = 1.0
 PROGRESS_NONE: Final = "N/A"
 PROGRESS_DONE: Final = "100.0%"
 REASON_RESOURCE_EXISTS: Final = "ErrResourceExists"
+MESSAGE_NO_PROFILE_YET: Final = "cannot get StorageProfile"
 
 _IN_PROGRESS_PHASES: Final = frozenset(
     {DataVolumePhase.IMPORT_SCHEDULED, DataVolumePhase.IMPORT_IN_PROGRESS}
@@ -174,6 +175,10 @@ class DataVolumeReconciler:
                 cdi_config_status=dict(config["status"]),
             )
         except RenderError as err:
+            if str(err).startswith(MESSAGE_NO_PROFILE_YET) and len(profiles) < len(classes):
+                # A class the config pass has not seen yet: its profile is moments away.
+                log.info("%s/%s waiting for a StorageProfile: %s", ns, name, err)
+                return None
             log.warning("%s/%s cannot render the PVC reason=%s error=%s", ns, name, err.reason, err)
             await self._set_status(
                 dv,
@@ -384,7 +389,7 @@ class DataVolumeReconciler:
         ttl = (config.get("spec") or {}).get("dataVolumeTTLSeconds")
         if not isinstance(ttl, int) or ttl < 0:
             return Result()
-        ready = next(
+        ready: Mapping[str, Any] = next(
             (c for c in dv["status"].get("conditions") or [] if c.get("type") == "Ready"), {}
         )
         since = _parse_time(str(ready.get("lastTransitionTime") or ""))

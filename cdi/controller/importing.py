@@ -417,11 +417,15 @@ class ImportReconciler:
 
         failed = _failed_terminated(pod)
         if failed is not None:
-            text = _first_line(str(failed.get("message") or ""))
-            reason = fatal_reason(text)
+            full = str(failed.get("message") or "").strip()
+            # CDI's wording for the condition; the importer's own line (with the sizes of a
+            # too-small volume) decides whether it is final and goes into the event.
+            text = _first_line(full)
+            detail = full.splitlines()[0] if full else ""
+            reason = fatal_reason(detail)
             if reason is not None:
                 log.warning(
-                    "%s/%s import failed for good pod=%s message=%s", ns, name, pod_name, text
+                    "%s/%s import failed for good pod=%s message=%s", ns, name, pod_name, detail
                 )
                 wanted.update(
                     {
@@ -433,7 +437,7 @@ class ImportReconciler:
                     }
                 )
                 await self._annotate(pvc, wanted)
-                await record_event(self.client, pvc, "ErrImportFailed", text, type_=WARNING)
+                await record_event(self.client, pvc, "ErrImportFailed", detail, type_=WARNING)
                 await self._delete(POD, pod_name, ns)
                 return Result()
             if annotations.get(ann.CONDITION_RUNNING_MESSAGE) != text and text:

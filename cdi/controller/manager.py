@@ -29,14 +29,15 @@ from cdi.api.groups import (
 from cdi.controller.config import cdiconfig_status, storage_profile_status
 from cdi.controller.datavolume import DataVolumeReconciler
 from cdi.controller.importing import ImportReconciler
-from cdi.controller.runtime import Controller
+from cdi.controller.runtime import Controller, Request, Result
 from cdi.kube.client import Client
 from cdi.kube.errors import AlreadyExists, ApiError, NotFound
 
 log = logging.getLogger(__name__)
 
-CONFIG_INTERVAL: Final = 2.0
-"""Seconds between CDIConfig/StorageProfile refreshes: StorageClasses send us no events."""
+CONFIG_INTERVAL: Final = 10.0
+"""Seconds between CDIConfig/StorageProfile refreshes besides the event-driven ones: a safety
+net, and the way a cluster with no StorageClass at all still gets its CDIConfig."""
 
 
 async def sync_config(client: Client) -> None:
@@ -85,6 +86,23 @@ async def sync_config(client: Client) -> None:
             log.info("%s StorageProfile status updated", name)
 
 
+class ConfigReconciler:
+    """Any change of the CDIConfig, a StorageClass or a StorageProfile: one `sync_config` pass.
+    Event-driven so that a new StorageClass has its StorageProfile before DataVolumes need it
+    (the local provisioner creates its classes while the controllers start)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def __call__(self, request: Request) -> Result:
+        await sync_config(self.client)
+        return Result()
+
+
+def _the_config(_: dict[str, Any]) -> list[Request]:
+    return [Request("", CDI_CONFIG_NAME)]
+
+
 async def _config_loop(client: Client, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
@@ -108,6 +126,13 @@ async def run_controllers(client: Client, *, stop: asyncio.Event, local: bool) -
         reconcile=ImportReconciler(client, local=local),
     )
     imports.watch_owned(POD, owner_kind=PERSISTENT_VOLUME_CLAIM.kind)
+    config = Controller(
+        client, name="config", primary=CDI_CONFIG, reconcile=ConfigReconciler(client), workers=1
+    )
+    config.watch_mapped(STORAGE_CLASS, _the_config)
+    config.watch_mapped(STORAGE_PROFILE, _the_config)
     log.info("controllers starting local=%s", local)
-    await asyncio.gather(datavolumes.run(stop), imports.run(stop), _config_loop(client, stop))
+    await asyncio.gather(
+        datavolumes.run(stop), imports.run(stop), config.run(stop), _config_loop(client, stop)
+    )
     log.info("controllers stopped")

@@ -268,3 +268,26 @@ async def test_wffc_class_waits_for_first_consumer(stack: Cluster) -> None:
     dv = await dv_in(client, "later", "WaitForFirstConsumer", within=10.0)
     assert conditions(dv)["Bound"]["status"] == "False"
     assert await pods(client) == []
+
+
+async def test_storage_api_without_size_says_so(stack: Cluster) -> None:
+    # CDI's webhook refuses an import without a size ("PVC size is missing"); without a webhook
+    # the DataVolume stays Pending and says the same, and nothing is created for it.
+    client = stack.client
+    manifest = http_dv("sizeless", "http://127.0.0.1:9/disk.qcow2")
+    del manifest["spec"]["storage"]["resources"]
+    await client.create(DATA_VOLUME, manifest)
+
+    async def explained() -> dict[str, Any] | None:
+        dv = await client.get(DATA_VOLUME, "sizeless", NS)
+        if not (dv.get("status") or {}).get("conditions"):
+            return None
+        return dv if "PVC size is missing" in conditions(dv)["Bound"]["message"] else None
+
+    dv = await eventually(explained, within=20.0, what="the missing size in the DV status")
+    assert dv["status"]["phase"] == "Pending"
+    claims, _ = await client.list(PERSISTENT_VOLUME_CLAIM, NS)
+    assert claims == []
+    assert await pods(client) == []
+    events, _ = await client.list(EVENT, NS)
+    assert any("PVC size is missing" in e["message"] for e in events)

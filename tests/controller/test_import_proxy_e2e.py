@@ -38,6 +38,11 @@ async def _trust_proxy_ca(client: Client, name: str) -> None:
     await eventually(applied, within=10.0, what="importProxy in the CDIConfig status")
 
 
+def _ca_pem(server: BadServer) -> str:
+    assert server.ca_file
+    return Path(server.ca_file).read_text()
+
+
 async def _exists(client: Client, name: str) -> bool:
     try:
         await client.get(CONFIG_MAP, name, NS)
@@ -61,7 +66,7 @@ async def test_proxy_ca_is_copied_trusted_and_removed(stack: Cluster, tmp_path: 
             CONFIG_MAP,
             {
                 "metadata": {"name": "proxy-ca", "namespace": "cdi"},
-                "data": {"ca.crt": Path(server.ca_file).read_text()},
+                "data": {"ca.crt": _ca_pem(server)},
             },
         )
         await client.create(DATA_VOLUME, dv)
@@ -102,7 +107,7 @@ async def test_missing_proxy_ca_waits_then_proceeds(stack: Cluster, tmp_path: Pa
             CONFIG_MAP,
             {
                 "metadata": {"name": "late-ca", "namespace": "cdi"},
-                "data": {"ca.crt": Path(server.ca_file).read_text()},
+                "data": {"ca.crt": _ca_pem(server)},
             },
         )
         done = await dv_in(client, "waits", "Succeeded", "Failed")
