@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import datetime
 import logging
+import socket
+import socketserver
+import ssl
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any, Final
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +63,53 @@ class ImportProgress:
             self._transferred.inc(count)
 
 
+#: How often the serving thread looks for a shutdown request. prometheus_client's own server
+#: uses socketserver's 0.5 s, which every import then waited for at exit (measured: 0.6 s of a
+#: 0.75 s blank import).
+SHUTDOWN_POLL: Final = 0.02
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Ipv6ThreadingServer(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per scrape on stderr would bury the importer's own log
+
+
 class MetricsServer:
     """HTTPS /metrics in a daemon thread; `port` is the bound port (useful with ":0")."""
 
     def __init__(self, progress: ImportProgress, host: str, port: int) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="cdi-metrics-")
-        cert, key = _self_signed(Path(self._dir.name))
         try:
-            self._server, self._thread = start_http_server(
-                port, addr=host, registry=progress.registry, certfile=str(cert), keyfile=str(key)
+            cert, key = _self_signed(Path(self._dir.name))
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(cert), str(key))
+            server_class = _Ipv6ThreadingServer if ":" in host else _ThreadingServer
+            self._server = make_server(
+                host,
+                port,
+                make_wsgi_app(progress.registry),
+                server_class=server_class,
+                handler_class=_QuietHandler,
             )
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         except BaseException:
             self._dir.cleanup()
             raise
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": SHUTDOWN_POLL},
+            name="metrics",
+            daemon=True,
+        )
+        self._thread.start()
         self.port: int = self._server.server_port
         log.info("metrics serving addr=https://%s:%d/metrics", host, self.port)
 
