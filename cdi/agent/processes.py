@@ -15,6 +15,8 @@ Owns the OS side of running a container as a local process (Linux):
   session id (children that moved to a group of their own), so nothing is left behind.
 * `resident_by_session` sums resident memory per session from /proc, for the memory watchdog:
   the kubelet enforces a memory limit on resident memory (cgroup), so the agent does the same.
+* `kill_leftovers` kills what a previous agent over the same root left running: the children
+  of its containers, which PR_SET_PDEATHSIG does not reach (see `leftover_processes`).
 * `SessionCpu` samples the CPU time (utime+stime) of every process of chosen sessions, cheaply
   enough to do every 100 ms, and `signal_processes` signals a session's known processes without
   a /proc scan: the agent's CPU throttle applies a CPU limit by duty cycling with them (SIGSTOP
@@ -204,6 +206,56 @@ def signal_session(sid: int, sig: int) -> None:
     for pid in session_members(sid):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+
+
+def leftover_processes(variable: str, under: Path) -> list[int]:
+    """Live processes (not this one) whose environment variable `variable` names a path under
+    the directory `under`.
+
+    The runner gives every container a variable of its own that names a file in the
+    container's directory, and children inherit the environment: so this finds the containers a
+    previous agent over the same root started, and their children, still running after it died.
+    PR_SET_PDEATHSIG reaches only a container's own process: what the container started (the
+    importer's nbdkit and `qemu-img convert`) is re-parented to init when the agent is killed,
+    and would go on writing into the volume. Other users' processes are not readable, and are
+    not ours anyway."""
+    prefix = f"{variable}=".encode() + os.fsencode(str(under)).rstrip(b"/") + b"/"
+    me = os.getpid()
+    found = []
+    for entry in os.listdir(_PROC):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            environ = (_PROC / entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if any(var.startswith(prefix) for var in environ.split(b"\0")):
+            fields = _stat_fields(entry)
+            if fields and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+async def kill_leftovers(variable: str, under: Path) -> list[int]:
+    """SIGKILL every `leftover_processes(variable, under)` and return their pids once they are
+    gone (bounded: `LEFTOVER_WAIT`). For an agent starting over a root another agent used."""
+    pids = await asyncio.to_thread(leftover_processes, variable, under)
+    if not pids:
+        return []
+    log.warning("killing processes a previous agent left running pids=%s", pids)
+    deadline = asyncio.get_running_loop().time() + LEFTOVER_WAIT
+    while True:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        left = await asyncio.to_thread(leftover_processes, variable, under)
+        if not left:
+            return pids
+        if asyncio.get_running_loop().time() > deadline:
+            log.warning("processes still alive after SIGKILL pids=%s", left)
+            return pids
+        pids = sorted(set(pids) | set(left))
+        await asyncio.sleep(0.01)
 
 
 async def terminate(proc: asyncio.subprocess.Process, *, grace: float) -> None:

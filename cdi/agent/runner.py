@@ -36,7 +36,9 @@ Owns what a kubelet owns on a cluster node, for the one node `cdi server` is:
 * Lifetime: when the agent stops, every process it started is killed and reaped, and pod status
   is left as it was, so that a restarted agent adopts its pods: their containers are restarted per
   policy (a Never pod whose container was running fails with ContainerStatusUnknown). If the agent
-  dies without stopping, PR_SET_PDEATHSIG takes its processes with it.
+  dies without stopping, PR_SET_PDEATHSIG takes its containers' processes with it; what those
+  started (re-parented to init) is killed by the next agent over the same root before it adopts
+  any pod (`processes.kill_leftovers`).
 
 Started by `cdi server`: `run_agent(client, root=<data dir>, stop=...)`. Talks to the API only
 through `cdi.kube.Client`. It must not run pods assigned to another node, write outside
@@ -75,6 +77,7 @@ from cdi.agent.processes import (
     Limits,
     SessionCpu,
     kill,
+    kill_leftovers,
     resident_by_session,
     signal_processes,
     signal_session,
@@ -82,6 +85,7 @@ from cdi.agent.processes import (
     terminate,
 )
 from cdi.api import PodPhase
+from cdi.api import env as worker_env
 from cdi.api.groups import PERSISTENT_VOLUME_CLAIM, POD, STORAGE_CLASS
 from cdi.kube.client import Client, resource_path
 from cdi.kube.errors import ApiError, Conflict, Invalid, NotFound
@@ -973,7 +977,12 @@ class Agent:
         self._background: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        logs.pods_dir(self.root).mkdir(parents=True, exist_ok=True)
+        pods = logs.pods_dir(self.root)
+        pods.mkdir(parents=True, exist_ok=True)
+        # A previous agent over this root that was killed (SIGKILL, OOM) took its containers
+        # with it (PR_SET_PDEATHSIG), but not their children: they must be gone before the pods
+        # are adopted and their containers started again over the same volumes.
+        await kill_leftovers(worker_env.CDI_TERMINATION_LOG, pods)
         log.info("agent started node=%s root=%s", self.settings.node_name, self.root)
         tasks = [
             asyncio.create_task(self._watch(), name="pod-informer"),

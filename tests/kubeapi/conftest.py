@@ -1,12 +1,8 @@
 """`cdi server` as a real subprocess, for tests that talk to it through `kubectl` or `cdi.kube`.
 
-`CdiServer` starts `python -m cdi.cli.main server --data-dir <tmp> --port 0` (HTTPS, the default),
-waits (bounded) for its "API at <url>" line and the kubeconfig it writes, and stops it with SIGTERM
-(bounded wait, then SIGKILL; fixture teardown asserts it is gone, `stop()`/`restart()` called by a
-test also fail when it needed SIGKILL or exited non-zero). It
-always runs with a `--token-file` holding non-admin users (`USERS`), whose kubeconfigs
-`user_kubeconfig(name)` writes. `kubectl(...)` runs /usr/bin/kubectl against it with KUBECONFIG
-set, a private discovery cache and a 30 s timeout.
+The server itself is `tests.support.cdiserver.CdiServer` (started with `--no-controllers` here:
+these tests hold the API to Kubernetes' semantics, and no controller may rewrite the objects
+they create); its names are re-exported for the tests of this package.
 
 Fixtures:
     cdi_server        one server per test module (tests isolate themselves with `namespace`)
@@ -16,259 +12,49 @@ Fixtures:
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
-from cdi.kube.config import ClientConfig, load_kubeconfig
+from tests.support.cdiserver import (
+    KUBECTL,
+    KUBECTL_TIMEOUT,
+    REPO,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    TEARDOWN_STOP_TIMEOUT,
+    USERS,
+    CdiServer,
+    ServerError,
+    dns_label,
+    poll,
+    running_server,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-KUBECTL = "/usr/bin/kubectl"
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
-TEARDOWN_STOP_TIMEOUT = 5.0
-KUBECTL_TIMEOUT = 30.0
-
-# name -> (token, uid, groups): the server's --token-file.
-USERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "alice": ("alice-token-5b0d3c1e9f", "u-1001", ("dev", "qa")),
-    "bob": ("bob-token-77aa01c2d3", "u-1002", ()),
-}
-
-_API_AT = re.compile(r"API at (\S+)")
-
-
-class ServerError(AssertionError):
-    pass
-
-
-class CdiServer:
-    """One `cdi server` process over one data dir; restartable on the same port."""
-
-    def __init__(self, data_dir: Path, *, extra_args: Sequence[str] = ()) -> None:
-        self.data_dir = data_dir
-        self.kubeconfig = data_dir / "kubeconfig"
-        self.token_file = data_dir.parent / f"{data_dir.name}-tokens.csv"
-        self.cache_dir = data_dir.parent / f"{data_dir.name}-kubecache"
-        self.extra_args = tuple(extra_args)
-        self.url = ""
-        self.port = 0
-        self.proc: subprocess.Popen[str] | None = None
-        self.output: list[str] = []  # every line the server printed, all runs
-        self._reader: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._kubeconfigs: dict[str, Path] = {}
-        self.token_file.write_text(
-            "".join(
-                f'{token},{name},{uid},"{",".join(groups)}"\n'
-                for name, (token, uid, groups) in USERS.items()
-            )
-        )
-
-    # --- lifecycle --------------------------------------------------------------------------
-    def start(self, port: int = 0) -> None:
-        assert self.proc is None, "already running"
-        self._ready.clear()
-        argv = [
-            sys.executable,
-            "-m",
-            "cdi.cli.main",
-            "server",
-            "--data-dir",
-            str(self.data_dir),
-            "--port",
-            str(port),
-            "--token-file",
-            str(self.token_file),
-            # These tests hold the API to Kubernetes' semantics: no controller may rewrite the
-            # DataVolumes they create (the controllers have tests of their own).
-            "--no-controllers",
-            *self.extra_args,
-        ]
-        start_from = len(self.output)
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self._reader = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self._ready.wait(0.05):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self._abandon()
-                raise ServerError(
-                    f"cdi server did not report its API within {START_TIMEOUT:.0f}s:\n"
-                    + "".join(self.output[start_from:])
-                )
-        match = next(
-            m for line in self.output[start_from:] if (m := _API_AT.search(line)) is not None
-        )
-        self.url = match.group(1)
-        self.port = int(self.url.rsplit(":", 1)[1])
-        # The kubeconfig is written before the line is printed; it must name this URL.
-        while True:
-            with contextlib.suppress(OSError, yaml.YAMLError, KeyError, TypeError, IndexError):
-                doc = yaml.safe_load(self.kubeconfig.read_text())
-                if doc["clusters"][0]["cluster"]["server"] == self.url:
-                    break
-            if time.monotonic() > deadline:
-                self._abandon()
-                raise ServerError(f"{self.kubeconfig} does not name {self.url}")
-            time.sleep(0.05)
-        self._kubeconfigs.clear()
-
-    def _drain(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            self.output.append(line)
-            if "API at" in line:
-                self._ready.set()
-
-    def stop(self, timeout: float = STOP_TIMEOUT, *, graceful: bool = True) -> float:
-        """SIGTERM, wait up to `timeout`, else SIGKILL. Returns the seconds SIGTERM took.
-
-        With `graceful` (the default) a server that needed SIGKILL, or exited non-zero, is a
-        `ServerError`; without, the process only has to be gone (fixture teardown: the tests
-        `test_sigterm_*` are the ones that hold the server to a clean stop)."""
-        proc = self.proc
-        if proc is None:
-            return 0.0
-        began = time.monotonic()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._abandon()
-            assert proc.poll() is not None, "cdi server survived SIGKILL"
-            if graceful:
-                raise ServerError(
-                    f"cdi server did not exit within {timeout:.0f}s of SIGTERM (killed):\n"
-                    + "".join(self.output[-20:])
-                ) from None
-            return time.monotonic() - began
-        took = time.monotonic() - began
-        self._finish()
-        if graceful and code != 0:
-            raise ServerError(f"cdi server exited with {code}:\n" + "".join(self.output[-20:]))
-        return took
-
-    def _abandon(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(5)
-        self._finish()
-
-    def _finish(self) -> None:
-        if self._reader is not None:
-            self._reader.join(5)
-            self._reader = None
-        if self.proc is not None:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            self.proc = None
-
-    def restart(self, between: Callable[[], Any] | None = None) -> None:
-        """Stop (SIGTERM), run `between` with the server down, start again on the same port."""
-        port = self.port
-        self.stop()
-        if between is not None:
-            between()
-        self.start(port=port)
-
-    # --- clients ----------------------------------------------------------------------------
-    def user_kubeconfig(self, user: str) -> Path:
-        """A kubeconfig like the admin one, but with `user`'s token from the token file."""
-        if user not in self._kubeconfigs:
-            doc = yaml.safe_load(self.kubeconfig.read_text())
-            doc["users"] = [{"name": user, "user": {"token": USERS[user][0]}}]
-            doc["contexts"][0]["context"]["user"] = user
-            path = self.data_dir.parent / f"{self.data_dir.name}-{user}.kubeconfig"
-            path.write_text(yaml.safe_dump(doc))
-            path.chmod(0o600)
-            self._kubeconfigs[user] = path
-        return self._kubeconfigs[user]
-
-    def client_config(self, user: str | None = None) -> ClientConfig:
-        return load_kubeconfig(self.user_kubeconfig(user) if user else self.kubeconfig)
-
-    def kubectl(
-        self,
-        *args: str,
-        input: str | None = None,
-        check: bool = True,
-        user_kubeconfig: Path | None = None,
-        timeout: float = KUBECTL_TIMEOUT,
-    ) -> subprocess.CompletedProcess[str]:
-        argv = [KUBECTL, *args]
-        proc = subprocess.run(
-            argv,
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            env=self.kubectl_env(user_kubeconfig),
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"{' '.join(argv)} exited {proc.returncode}\n"
-                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-            )
-        return proc
-
-    def kubectl_env(self, user_kubeconfig: Path | None = None) -> dict[str, str]:
-        return {
-            **os.environ,
-            "KUBECONFIG": str(user_kubeconfig or self.kubeconfig),
-            "KUBECACHEDIR": str(self.cache_dir),
-        }
-
-
-def _server(tmp: Path) -> Iterator[CdiServer]:
-    server = CdiServer(tmp / "data")
-    server.start()
-    try:
-        yield server
-    finally:
-        proc = server.proc
-        server.stop(TEARDOWN_STOP_TIMEOUT, graceful=False)
-        assert server.proc is None
-        if proc is not None:
-            assert proc.returncode is not None, "cdi server still running after teardown"
+__all__ = [
+    "KUBECTL",
+    "KUBECTL_TIMEOUT",
+    "REPO",
+    "START_TIMEOUT",
+    "STOP_TIMEOUT",
+    "TEARDOWN_STOP_TIMEOUT",
+    "USERS",
+    "CdiServer",
+    "ServerError",
+    "dns_label",
+    "poll",
+]
 
 
 @pytest.fixture(scope="module")
 def cdi_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CdiServer]:
-    yield from _server(tmp_path_factory.mktemp("cdi-server"))
+    yield from running_server(tmp_path_factory.mktemp("cdi-server") / "data")
 
 
 @pytest.fixture
 def fresh_cdi_server(tmp_path: Path) -> Iterator[CdiServer]:
-    yield from _server(tmp_path)
-
-
-def dns_label(text: str, limit: int = 50) -> str:
-    label = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
-    return label[:limit].strip("-") or "t"
+    yield from running_server(tmp_path / "data")
 
 
 _NS_SEQ = iter(range(1, 1 << 30))
@@ -279,17 +65,3 @@ def namespace(cdi_server: CdiServer, request: pytest.FixtureRequest) -> str:
     name = f"{dns_label(request.node.name, 52)}-{next(_NS_SEQ)}"
     cdi_server.kubectl("create", "namespace", name)
     return name
-
-
-def poll(
-    condition: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.1, what: str = ""
-) -> Any:
-    """Call `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or condition}")
-        time.sleep(interval)
