@@ -84,8 +84,9 @@ def extract_tar(stream: BinaryIO, root: Path, *, limit: int, created: list[Path]
                         f"archive content is larger than the {limit} bytes available; a larger "
                         "PVC is required"
                     )
-                top = root / PurePosixPath(member.name).parts[0]
-                if top not in created and not top.exists():
+                parts = PurePosixPath(member.name).parts
+                # `tar -C dir -cf x.tar .` starts with "./": the root itself, nothing to record.
+                if parts and (top := root / parts[0]) not in created and not top.exists():
                     created.append(top)
                 # Ownership is not ours to keep (we run as the volume's user); modes are.
                 member.uid = member.gid = os.getuid()

@@ -4,7 +4,7 @@ Owns only the nbdkit callbacks. Everything about ranges, checks, retries and res
 `importer.rangeclient`; this module parses the one parameter, builds a `RangeReader` once, and maps
 NBD reads onto it. The importer starts it through `cdi.image.nbdkit.NbdkitServer`:
 
-    nbdkit --foreground --exit-with-parent -U <sock> --pidfile <pid> -r \\
+    nbdkit --foreground -U <sock> --pidfile <pid> -r \\
         python <this file> config=<path to a 0600 JSON file, see rangeclient.SourceConfig>
 
 with the environment from `cdi.image.nbdkit.python_plugin_env()` (a PYTHONPATH that reaches our
@@ -25,6 +25,7 @@ from typing import Final
 
 import nbdkit
 
+from cdi.image.lifetime import rearm_in_child
 from importer.rangeclient import (
     RangeCheckError,
     RangeReader,
@@ -79,6 +80,9 @@ def config_complete() -> None:
     global _reader
     if _config_path is None:
         raise ValueError("missing parameter config=<file>")
+    # nbdkit arms SIGTERM for its parent's death, and on SIGTERM waits for a read in flight
+    # (a stalled source: minutes): the importer killed, nbdkit must go at once.
+    rearm_in_child()
     _setup_logging()
     cfg = SourceConfig.load(_config_path)
     if cfg.size is None:

@@ -31,20 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import resource
 import signal
-import sys
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from cdi.image.lifetime import die_with_parent
+
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG: Final = 1
 _PROC: Final = Path("/proc")
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 #: The unit of utime and stime in /proc/<pid>/stat.
@@ -69,29 +68,13 @@ class Limits:
     # CPU limits are applied by the agent's throttle instead (duty cycling, see `SessionCpu`).
 
 
-def _libc_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return prctl
-
-
-_PRCTL: Final = _libc_prctl()
-
-
 def _preexec(limits: Limits, parent: int) -> Callable[[], None]:
-    prctl = _PRCTL
+    arm = die_with_parent(parent)
     address_space = limits.address_space
     file_size = limits.file_size
 
     def setup() -> None:  # runs in the child between fork and exec: keep it to syscalls
-        if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() != parent:  # the agent died before prctl took effect
-                os._exit(127)
+        arm()
         if address_space is not None:
             resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
         if file_size is not None:

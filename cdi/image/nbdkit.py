@@ -9,9 +9,11 @@ This module must not know what a plugin serves or how: plugin arguments are pass
 given, and any secret among them is the caller's to keep out of logs (we log the plugin name and
 the socket, never the arguments).
 
-The server always runs with `--foreground --exit-with-parent`, so it dies with us even if we are
-killed, and is still stopped and reaped explicitly: on a failed start, on `stop()` and when the
-`async with` block exits, whatever the block raised.
+The server runs with `--foreground` and dies with us even if we are killed: SIGKILL by the
+kernel (`cdi.image.lifetime`), not nbdkit's `--exit-with-parent`, whose SIGTERM lets it wait for
+a plugin call in flight (a stalled HTTP read) for as long as that takes. It is still stopped and
+reaped explicitly: on a failed start, on `stop()` and when the `async with` block exits,
+whatever the block raised.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from types import TracebackType
 from typing import Final, Self
 
 from cdi.image.errors import PermanentError, ToolError
+from cdi.image.lifetime import die_with_parent
 
 __all__ = ["NBDKIT", "NbdkitServer", "python_plugin_env"]
 
@@ -150,7 +153,6 @@ class NbdkitServer:
         argv = [
             NBDKIT,
             "--foreground",
-            "--exit-with-parent",
             "-U",
             self._socket,
             "--pidfile",
@@ -219,6 +221,7 @@ class NbdkitServer:
                 stdout=logfd,
                 stderr=logfd,
                 env=env,
+                preexec_fn=die_with_parent(os.getpid()),
             )
         except FileNotFoundError as exc:
             raise PermanentError(f"{NBDKIT} not found: {INSTALL_HINT}") from exc

@@ -52,6 +52,7 @@ from cdi.image.errors import (
     RetryableError,
     ToolError,
 )
+from cdi.image.lifetime import die_with_parent
 
 __all__ = [
     "QEMU_IMG",
@@ -268,9 +269,15 @@ def _source_args(path: str, fmt: str, *, allow_uri: bool, no_backing: bool) -> l
 # --- running qemu-img --------------------------------------------------------------------------
 
 
-def _limits_preexec(limits: Limits) -> Callable[[], None]:
+def _preexec(limits: Limits | None) -> Callable[[], None]:
+    # qemu-img dies with us: a killed importer must not leave a convert writing the volume.
+    arm = die_with_parent(os.getpid())
+
     def apply() -> None:
         # Runs in the child between fork and exec: only async-signal-safe-ish C calls here.
+        arm()
+        if limits is None:
+            return
         resource.setrlimit(resource.RLIMIT_AS, (limits.address_space, limits.address_space))
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
         # A child killed by a limit would otherwise dump up to `address_space` bytes of core.
@@ -318,7 +325,7 @@ async def _run(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            preexec_fn=_limits_preexec(limits) if limits is not None else None,
+            preexec_fn=_preexec(limits),
         )
     except FileNotFoundError as exc:
         raise PermanentError(f"{argv[0]} not found: {INSTALL_HINT}") from exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import time
@@ -77,6 +78,33 @@ REVIEW_KEYS = frozenset(
     {"subjectaccessreviews.authorization.k8s.io", "selfsubjectaccessreviews.authorization.k8s.io"}
 )
 PUBLIC_PATHS = ("/healthz", "/livez", "/readyz", "/version")
+
+
+def _dry_run(request: web.Request) -> bool:
+    """`?dryRun=All`: validate and answer as if written, write nothing (kube-apiserver knows no
+    other value)."""
+    values = request.query.getall("dryRun", [])
+    if any(v != "All" for v in values):
+        raise BadRequest(f"unsupported dryRun value {values!r}: the only value is All")
+    return bool(values)
+
+
+def _as_stored(obj: Obj, current: Obj, resource: str) -> Obj:
+    """`obj` as an update would store it: the server-owned metadata stays the current one's."""
+    result = copy.deepcopy(obj)
+    md, old = result.setdefault("metadata", {}), current.get("metadata") or {}
+    sent_rv = md.get("resourceVersion")
+    if sent_rv and sent_rv != old.get("resourceVersion"):
+        raise Conflict.of(
+            resource,
+            str(md.get("name", "")),
+            "the object has been modified; please apply your changes to the latest version and "
+            "try again",
+        )
+    for key in ("uid", "creationTimestamp", "resourceVersion", "generation"):
+        if key in old:
+            md[key] = old[key]
+    return result
 
 
 def _causes(errors: Iterable[FieldError]) -> list[StatusCause]:
@@ -709,7 +737,7 @@ class ApiServer:
         else:
             warnings = self._validate(request, rt, obj, None)
         self._defaults(rt, obj)
-        if request.query.get("dryRun") == "All":
+        if _dry_run(request):
             return self._json(request, rt, obj, 201, warnings)
         created = self._sync(
             self.store.create,
@@ -760,6 +788,9 @@ class ApiServer:
                 f"UID in object meta: {stored_uid}",
             )
         warnings = self._validate(request, rt, obj, old)
+        if _dry_run(request):
+            stored = _as_stored(obj, old, rt.key)
+            return self._json(request, rt, self._present(rt, stored), 200, warnings)
         updated = self._sync(
             self.store.update,
             rt.key,
@@ -791,6 +822,10 @@ class ApiServer:
             warnings.extend(self._validate(request, rt, result, current))
             return result
 
+        if _dry_run(request):
+            current = self._sync(self.store.get, rt.key, namespace, name)
+            result = _as_stored(mutate(copy.deepcopy(current)), current, rt.key)
+            return self._json(request, rt, self._present(rt, result), 200, tuple(warnings))
         updated = self._sync(
             self.store.modify,
             rt.key,
@@ -829,6 +864,17 @@ class ApiServer:
         if rt.plural == NAMESPACE_KEY and rt.group == "":
             finalizers = (*finalizers, NAMESPACE_FINALIZER)
         pre = options.get("preconditions") or {}
+        if _dry_run(request):
+            current = self._sync(self.store.get, rt.key, namespace, name)
+            uid = current["metadata"].get("uid")
+            if pre.get("uid") and pre["uid"] != uid:
+                raise Conflict.of(
+                    rt.key,
+                    name,
+                    f"Precondition failed: UID in precondition: {pre['uid']}, "
+                    f"UID in object meta: {uid}",
+                )
+            return self._json(request, rt, self._present(rt, current), 200)
         result = self._sync(
             self.store.delete,
             rt.key,
@@ -869,7 +915,7 @@ class ApiServer:
             label_selector=q.get("labelSelector"),
             field_selector=q.get("fieldSelector"),
         )
-        for obj in result.items:
+        for obj in [] if _dry_run(request) else result.items:
             md = obj["metadata"]
             with contextlib.suppress(NotFound):
                 self._sync(self.store.delete, rt.key, md.get("namespace", ""), md["name"])

@@ -56,8 +56,7 @@ def build_ssl_context(settings: ImporterSettings) -> ssl.SSLContext:
         except (ssl.SSLError, ValueError) as err:
             raise SourceError(
                 "http",
-                f"certificate file {path.name} in {path.parent} is not "
-                f"a PEM certificate: {err}",
+                f"certificate file {path.name} in {path.parent} is not a PEM certificate: {err}",
             ) from None
     return ctx
 

@@ -246,14 +246,6 @@ def test_archive_example_unpacks(full_server: CdiServer, ns: str, tmp_path: Path
     assert found["cdi.kubevirt.io/storage.contentType"] == "archive"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "importer/archive.py extract_tar: the member './' (what `tar -C dir -cf x.tar .` writes "
-        "first) has no path parts, so `PurePosixPath(member.name).parts[0]` raises IndexError "
-        "('Unable to process data: IndexError: tuple index out of range')"
-    ),
-)
 def test_archive_of_dot_unpacks(full_server: CdiServer, ns: str, tmp_path: Path) -> None:
     content = _archive_content(tmp_path)
     www = tmp_path / "www"
@@ -431,14 +423,6 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "cdi/kubeapi/app.py honours dryRun=All only in _create: _patch, _update and _delete "
-        "write, so `kubectl apply --dry-run=server` of an example already applied changes it "
-        "and `kubectl delete --dry-run=server` deletes it"
-    ),
-)
 def test_server_dry_run_of_applied_examples_changes_nothing(
     full_server: CdiServer, ns: str
 ) -> None:

@@ -170,7 +170,6 @@ def test_argv_order() -> None:
     assert server.argv == [
         "nbdkit",
         "--foreground",
-        "--exit-with-parent",
         "-U",
         "/tmp/w/nbdkit.sock",
         "--pidfile",
