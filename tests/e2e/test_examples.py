@@ -255,11 +255,11 @@ def test_archive_of_dot_unpacks(full_server: CdiServer, ns: str, tmp_path: Path)
     try:
         name, status = _import_archive(full_server, ns, www)
         assert status["phase"] == "Succeeded", status
+        volume = volume_dir(full_server, ns, name)
+        assert (volume / "hello.txt").read_text() == "hello from the archive\n"
+        assert (volume / "sub" / "data.bin").read_bytes() == bytes(range(256)) * 64
     finally:  # no importer left retrying in the module's server
         full_server.kubectl("delete", "dv", "--all", "-n", ns, "--wait=false")
-    volume = volume_dir(full_server, ns, name)
-    assert (volume / "hello.txt").read_text() == "hello from the archive\n"
-    assert (volume / "sub" / "data.bin").read_bytes() == bytes(range(256)) * 64
 
 
 def test_http_auth_example_imports_over_tls_with_credentials(
