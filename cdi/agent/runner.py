@@ -72,6 +72,7 @@ from cdi.agent.podspec import (
     plan_container,
     resolve_volumes,
 )
+from cdi.agent.probes import ReadinessProber
 from cdi.agent.processes import (
     CLOCK_TICKS,
     Limits,
@@ -336,6 +337,12 @@ class Container:
     exit_code: int | None = None
     oom_killed: bool = False
     backoff_step: int = 0
+    probed_ready: bool = True
+    """What the readiness probe says (True for a container without one)."""
+
+    @property
+    def ready(self) -> bool:
+        return "running" in self.state and self.probed_ready
 
     @property
     def name(self) -> str:
@@ -348,7 +355,7 @@ class Container:
             "name": self.name,
             "image": str(self.spec.get("image") or ""),
             "imageID": "",
-            "ready": running or succeeded,
+            "ready": (running and self.probed_ready) or succeeded,
             "started": running,
             "restartCount": self.restart_count,
             "state": self.state,
@@ -755,11 +762,16 @@ class PodRunner:
             self.agent.watchdog.track(proc.pid, limit, exceeded)
         assert proc.stdout is not None
         copier = asyncio.create_task(_copy_output(proc.stdout, log_file))
+        prober = self._readiness(c, plan.env, str(plan.cwd))
         await self._publish()
         began = time.monotonic()
         try:
             returncode = await proc.wait()
         finally:
+            if prober is not None:
+                prober.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await prober
             self.agent.watchdog.untrack(proc.pid)
             self.agent.throttle.untrack(proc.pid)  # continues it if stopped
             await kill(proc)
@@ -851,7 +863,7 @@ class PodRunner:
     def _status(self) -> Obj:
         phase = self._phase()
         terminal = phase in TERMINAL
-        ready = bool(self.containers) and all("running" in c.state for c in self.containers)
+        ready = bool(self.containers) and all(c.ready for c in self.containers)
         not_ready = "PodCompleted" if terminal else "ContainersNotReady"
         if self.scheduled:
             scheduled = self._condition("PodScheduled", True)
@@ -886,6 +898,32 @@ class PodRunner:
         if self.start_time:
             status["startTime"] = self.start_time
         return status
+
+    def _readiness(
+        self, c: Container, env: dict[str, str], cwd: str | None
+    ) -> asyncio.Task[None] | None:
+        """Start the container's readiness probe, if it has one (not ready until it passes)."""
+        probe = c.spec.get("readinessProbe")
+        if not probe or c.init:
+            c.probed_ready = True
+            return None
+        c.probed_ready = False
+        assert self.ip is not None
+
+        async def changed(ready: bool) -> None:
+            c.probed_ready = ready
+            await self._publish()
+
+        prober = ReadinessProber(
+            probe,
+            c.spec,
+            pod_ip=self.ip,
+            changed=changed,
+            env=env,
+            cwd=cwd,
+            what=f"{self.key} container={c.name}",
+        )
+        return asyncio.create_task(prober.run(), name=f"probe {self.key}/{c.name}")
 
     async def _publish(self) -> None:
         """Write the whole status (JSON patch `add /status`, guarded by the pod's uid)."""
