@@ -22,6 +22,7 @@ import yaml
 from aiohttp import web
 
 from cdi import __version__
+from cdi.apiserver import uploadtoken
 from cdi.kubeapi import patch as patching
 from cdi.kubeapi.auth import (
     ADMIN_GROUP,
@@ -46,7 +47,14 @@ from cdi.kubeapi.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from cdi.kubeapi.registry import CRD_KEY, Registry, ResourceType, table_cells, table_columns
+from cdi.kubeapi.registry import (
+    CRD_KEY,
+    UPLOAD_TOKEN_REQUESTS,
+    Registry,
+    ResourceType,
+    table_cells,
+    table_columns,
+)
 from cdi.kubeapi.schema import FieldError, check_custom_resource, validate_object_name
 from cdi.kubeapi.store import Store, Subscription
 
@@ -172,9 +180,13 @@ class ApiServer:
         log_reader: LogReader | None = None,
         admission: list[Callable[[ResourceType, str, Obj, Obj | None], Obj]] | None = None,
         anonymous_admin: bool = False,
+        signing_key: bytes | None = None,
     ) -> None:
         self.store = store
-        self.registry = Registry()
+        # CDI's own API (cdi.apiserver): UploadTokenRequest is served when there is a key
+        # (private PEM, cdi.apiserver.signing) to sign the tokens with.
+        self.signing_key = signing_key
+        self.registry = Registry(extra=(UPLOAD_TOKEN_REQUESTS,) if signing_key else ())
         self.authenticator = authenticator
         self.authorizer = Authorizer(self._list_for_rbac)
         self.log_reader = log_reader
@@ -288,6 +300,12 @@ class ApiServer:
                 f'{qualified}{named} is forbidden: User "{user.name}" cannot {verb} '
                 f'resource "{rt.plural}"'
                 f'{f" with subresource {sub!r}" if sub else ""} in API group "{rt.group}"{scope}'
+            )
+        if not sub and verb not in rt.verbs:
+            # Allowed, but not served (create-only kinds: access reviews, UploadTokenRequest),
+            # as kube-apiserver answers once authorization has passed.
+            raise MethodNotAllowed(
+                "the server does not allow this method on the requested resource"
             )
 
     async def _ok(self, request: web.Request) -> web.Response:
@@ -725,6 +743,8 @@ class ApiServer:
         if rt.key in REVIEW_KEYS:
             return self._access_review(request, rt, obj)
         await self._namespace_ready(namespace)
+        if rt.key == UPLOAD_TOKEN_REQUESTS.key:
+            return self._upload_token_request(request, rt, namespace, obj)
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = (
                 meta["generateName"] + "xxxxx"
@@ -764,6 +784,26 @@ class ApiServer:
             spec = {**spec, "user": user.name, "groups": list(user.groups)}
         obj["status"] = review(self.authorizer, spec)
         return web.json_response(obj, status=201)
+
+    # --- CDI's own API (cdi.apiserver) ---------------------------------------------------------
+    def _upload_token_request(
+        self, request: web.Request, rt: ResourceType, namespace: str, obj: Obj
+    ) -> web.Response:
+        """Create-only and stored nowhere, like an access review: the caller passed RBAC
+        (`create uploadtokenrequests` in the namespace, CDI's one rule) in `_resource`."""
+        assert self.signing_key is not None  # the type is only served with a key
+        user: UserInfo = request[USER_KEY]
+        try:
+            answer = uploadtoken.issue(obj, namespace, self.signing_key, user=user.name)
+        except uploadtoken.InvalidUploadTokenRequest as err:
+            causes = [
+                StatusCause(reason=e.reason, message=e.message, field=e.field) for e in err.errors
+            ]
+            name = str(obj["metadata"].get("name") or "")
+            raise Invalid.of(rt.kind, name, causes, group=rt.group) from None
+        return web.json_response(answer, status=201)
+
+    # --- end CDI's own API ---------------------------------------------------------------------
 
     async def _update(
         self, request: web.Request, rt: ResourceType, namespace: str, name: str, sub: str
@@ -864,7 +904,11 @@ class ApiServer:
         if rt.plural == NAMESPACE_KEY and rt.group == "":
             finalizers = (*finalizers, NAMESPACE_FINALIZER)
         pre = options.get("preconditions") or {}
-        if _dry_run(request):
+        # kubectl sends it in the DeleteOptions body; other clients in the query.
+        body_dry = options.get("dryRun") or []
+        if any(v != "All" for v in body_dry):
+            raise BadRequest(f"unsupported dryRun value {body_dry!r}: the only value is All")
+        if _dry_run(request) or body_dry:
             current = self._sync(self.store.get, rt.key, namespace, name)
             uid = current["metadata"].get("uid")
             if pre.get("uid") and pre["uid"] != uid:
