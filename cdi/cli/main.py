@@ -10,7 +10,7 @@ import logging
 import sys
 
 from cdi import __version__
-from cdi.cli import controller, datavolumes, image, server
+from cdi.cli import controller, datavolumes, image, imageupload, server
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.register(sub)
     datavolumes.register(sub)
     controller.register(sub)
+    imageupload.register(sub)
     return parser
 
 
