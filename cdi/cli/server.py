@@ -27,6 +27,7 @@ import yaml
 from aiohttp import web
 
 from cdi.agent import ContainerRequired, LogNotFound, read_log, run_agent
+from cdi.apiserver.signing import SigningKeyError, ensure_signing_key
 from cdi.controller.manager import run_controllers
 from cdi.kube.client import Client
 from cdi.kube.config import load_kubeconfig
@@ -143,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    except SigningKeyError as err:  # the token signing key Secret is there but unusable
+        print(f"cdi server: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -224,6 +228,7 @@ async def serve(
     store = Store(settings.db_path)
     try:
         install_defaults(store)
+        signing_key = ensure_signing_key(store)  # UploadTokenRequest's key, made once
         token = admin_token(settings.data_dir)
 
         async def pod_logs(namespace: str, name: str, container: str | None) -> str:
@@ -239,6 +244,7 @@ async def serve(
             authenticator=Authenticator.from_files(token, settings.token_file),
             anonymous_admin=settings.insecure_http,
             log_reader=pod_logs,
+            signing_key=signing_key,
         )
         runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=5.0)
         await runner.setup()

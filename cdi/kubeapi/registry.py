@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cdi.api import groups
 from cdi.kubeapi.crds import (
     AGE_COLUMN,
     CRD_VERBS,
@@ -412,6 +413,19 @@ BUILTINS: tuple[ResourceType, ...] = (
     ),
 )
 
+# --- CDI's own API (cdi.apiserver), served when the server is given a signing key ----------
+UPLOAD_TOKEN_REQUESTS = ResourceType(
+    groups.UPLOAD_TOKEN_REQUEST.group,
+    groups.UPLOAD_TOKEN_REQUEST.version,
+    groups.UPLOAD_TOKEN_REQUEST.kind,
+    groups.UPLOAD_TOKEN_REQUEST.plural,
+    groups.UPLOAD_TOKEN_REQUEST.namespaced,
+    short_names=groups.UPLOAD_TOKEN_REQUEST.short_names,
+    verbs=("create",),
+    subresources=_NO_STATUS,
+)
+# --- end CDI's own API ---------------------------------------------------------------------
+
 CRD_KEY = resource_key("apiextensions.k8s.io", "customresourcedefinitions")
 PREFERRED_VERSIONS = {"": "v1"}
 
@@ -449,13 +463,14 @@ def types_from_crd(crd: Obj) -> list[ResourceType]:
 class Registry:
     """Thread-safe lookup of served resource types; `reload(crds)` swaps in a new set."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra: Iterable[ResourceType] = ()) -> None:
         self._lock = threading.Lock()
         self._types: dict[tuple[str, str, str], ResourceType] = {}
+        self._extra = tuple(extra)  # served besides BUILTINS (e.g. UPLOAD_TOKEN_REQUESTS)
         self.reload([])
 
     def reload(self, crds: Iterable[Obj]) -> None:
-        types = {(t.group, t.version, t.plural): t for t in BUILTINS}
+        types = {(t.group, t.version, t.plural): t for t in (*BUILTINS, *self._extra)}
         for crd in crds:
             if crd.get("metadata", {}).get("deletionTimestamp"):
                 continue
@@ -530,6 +545,7 @@ __all__ = [
     "AGE_COLUMN",
     "BUILTINS",
     "CRD_KEY",
+    "UPLOAD_TOKEN_REQUESTS",
     "Registry",
     "ResourceType",
     "table_cells",
