@@ -59,7 +59,8 @@ def _termination_path() -> Path | None:
     return default if default.exists() else None  # by hand there is no kubelet file
 
 
-def _write_termination(text: str) -> None:
+def write_termination(text: str) -> None:
+    """Write the termination message where the kubelet (or CDI_TERMINATION_LOG) wants it."""
     path = _termination_path()
     if path is None:
         return
@@ -69,7 +70,8 @@ def _write_termination(text: str) -> None:
         log.warning("cannot write termination log path=%s error=%s", path, err)
 
 
-def _configure_logging() -> None:
+def configure_logging() -> None:
+    """The workers' log format on stderr, level from CDI_LOG_LEVEL."""
     level = os.environ.get("CDI_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
@@ -103,14 +105,14 @@ def run(settings: ImporterSettings) -> int:
         if metrics is not None:
             metrics.close()
     text = message.to_json()
-    _write_termination(text)
+    write_termination(text)
     print(text)
     return 0
 
 
 def _fail(err: ImporterError) -> int:
     line = encode_failure(str(err))
-    _write_termination(line)
+    write_termination(line)
     print(f"cdi-importer: {line}", file=sys.stderr)
     return 1
 
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.parse_args(argv)
-    _configure_logging()
+    configure_logging()
     try:
         settings = ImporterSettings.from_env()
     except ImporterError as err:

@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -95,6 +96,7 @@ class _Outcome:
     inspection: InspectionResult | None = None
     compression: str | None = None
     bytes_written: int = 0
+    convert_from: Path | None = None  # SCRATCH route: the local copy (default: scratch image)
 
 
 class ChainReader(io.RawIOBase):
@@ -131,11 +133,25 @@ def _translate(err: ImageError) -> ImporterError:
 
 
 class ImportRun:
-    """One import: owns the phase record, the files it wrote, and their cleanup on failure."""
+    """One import: owns the phase record, the files it wrote, and their cleanup on failure.
 
-    def __init__(self, settings: ImporterSettings, progress: ImportProgress) -> None:
+    `source` replaces the one the settings name (the upload server passes the request body);
+    `on_validated` is called once every byte has been received and the image has passed every
+    check, before the conversion and resize that follow (the upload server's async answer).
+    """
+
+    def __init__(
+        self,
+        settings: ImporterSettings,
+        progress: ImportProgress,
+        *,
+        source: Source | None = None,
+        on_validated: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.progress = progress
+        self._source = source
+        self._on_validated = on_validated
         self.phases: list[ImporterPhase] = []
         self._written: list[Path] = []
         self._archive_entries: list[Path] = []
@@ -154,7 +170,7 @@ class ImportRun:
             if self.settings.source is SourceType.NONE:
                 await self._blank()
             else:
-                source = open_source(self.settings)
+                source = self._source or open_source(self.settings)
                 try:
                     await self._import(source)
                 finally:
@@ -251,6 +267,8 @@ class ImportRun:
             seconds,
             self.progress.transferred / (1 << 20) / max(seconds, 1e-6),
         )
+        if outcome.route in (_Route.EXTRACTED, _Route.WRITTEN):
+            self._validated()
         if outcome.route is _Route.EXTRACTED:
             return
         assert space is not None
@@ -259,8 +277,13 @@ class ImportRun:
             await self._convert_from_nbd(source, outcome.inspection, space)
         elif outcome.route is _Route.SCRATCH:
             assert outcome.inspection is not None
-            await self._convert_from_scratch(outcome.inspection, space)
+            await self._convert_from_scratch(outcome.inspection, space, outcome.convert_from)
         await self._resize(space)
+
+    def _validated(self) -> None:
+        if self._on_validated is not None:
+            callback, self._on_validated = self._on_validated, None
+            callback()
 
     async def _produce(
         self,
@@ -357,6 +380,12 @@ class ImportRun:
         if not compression and info.ranges and info.size is not None and not s.checksum:
             return _Outcome(_Route.NBD, result, None)
 
+        if fmt != "raw" and not compression and info.local_path is not None:
+            # A local seekable copy already exists (a staged upload): convert from it.
+            self._transfer_share = 50.0
+            head.close()
+            return _Outcome(_Route.SCRATCH, result, None, convert_from=info.local_path)
+
         if fmt != "raw":
             if not s.paths.has_scratch:
                 raise ScratchSpaceRequired(
@@ -416,9 +445,11 @@ class ImportRun:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    async def _convert_from_scratch(self, inspection: InspectionResult, space: TargetSpace) -> None:
+    async def _convert_from_scratch(
+        self, inspection: InspectionResult, space: TargetSpace, local: Path | None = None
+    ) -> None:
         self.enter(ImporterPhase.CONVERT)
-        scratch = str(self.settings.paths.scratch_image)
+        scratch = str(local or self.settings.paths.scratch_image)
         await self._validate_and_convert(scratch, inspection, space, uri=False)
 
     async def _validate_and_convert(
@@ -432,6 +463,7 @@ class ImportRun:
             raise UnsafeImageError(problems, format_name=inspection.format)
         if info.virtual_size > space.usable:
             raise ImageTooLargeError(info.virtual_size, space.usable)
+        self._validated()
         base = 100.0 - self._transfer_share if not uri else 0.0
         share = 100.0 - base
 

@@ -38,6 +38,9 @@ class Paths:
     block_device: Path
     scratch_dir: Path
     termination_log: Path
+    block: bool | None = None
+    """None: CDI's importer rule (Block when `block_device` exists); True/False: the caller has
+    decided (the upload server, from DESTINATION)."""
 
     @property
     def disk_image(self) -> Path:
@@ -49,7 +52,9 @@ class Paths:
 
     @property
     def is_block(self) -> bool:
-        """CDI's rule: Block when the device path exists inside the pod."""
+        """CDI's rule: Block when the device path exists inside the pod (unless decided)."""
+        if self.block is not None:
+            return self.block
         return self.block_device.exists()
 
     @property
@@ -157,12 +162,7 @@ class ImporterSettings:
             _parse_listen_address(env.CDI_METRICS_ADDR, raw_metrics)
             metrics_addr = raw_metrics
 
-        paths = Paths(
-            data_dir=Path(get(env.CDI_DATA_DIR) or env.DEFAULT_DATA_DIR),
-            block_device=Path(get(env.CDI_BLOCK_DEVICE) or env.DEFAULT_BLOCK_DEVICE),
-            scratch_dir=Path(get(env.CDI_SCRATCH_DIR) or env.DEFAULT_SCRATCH_DIR),
-            termination_log=Path(get(env.CDI_TERMINATION_LOG) or env.DEFAULT_TERMINATION_LOG),
-        )
+        paths = paths_from_env(e)
         headers = _extra_headers(e) + _secret_extra_headers(
             Path(get(CDI_EXTRA_HEADERS_DIR) or DEFAULT_EXTRA_HEADERS_DIR)
         )
@@ -186,6 +186,27 @@ class ImporterSettings:
             stall_timeout=stall,
             cache_mode_none=get(env.CACHE_MODE) == env.CACHE_MODE_TRY_NONE,
         )
+
+
+def paths_from_env(environ: Mapping[str, str] | None = None) -> Paths:
+    """The worker paths: CDI's in-pod paths unless CDI_DATA_DIR / CDI_BLOCK_DEVICE /
+    CDI_SCRATCH_DIR / CDI_TERMINATION_LOG override them (shared by every worker of this package)."""
+    e = os.environ if environ is None else environ
+
+    def get(name: str) -> str:
+        return e.get(name, "").strip()
+
+    return Paths(
+        data_dir=Path(get(env.CDI_DATA_DIR) or env.DEFAULT_DATA_DIR),
+        block_device=Path(get(env.CDI_BLOCK_DEVICE) or env.DEFAULT_BLOCK_DEVICE),
+        scratch_dir=Path(get(env.CDI_SCRATCH_DIR) or env.DEFAULT_SCRATCH_DIR),
+        termination_log=Path(get(env.CDI_TERMINATION_LOG) or env.DEFAULT_TERMINATION_LOG),
+    )
+
+
+def parse_bool(environ: Mapping[str, str], name: str) -> bool:
+    """A boolean variable as CDI parses it (Go's strconv.ParseBool); empty is false."""
+    return _parse_bool(environ, name)
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:

@@ -7,9 +7,13 @@ and `status` — phase, `progress` (from the importer's metrics while it runs), 
 conditions Bound/Ready/Running and `claimName` — written through the status subresource only
 when it changed. Emits the events CDI emits on phase changes.
 
+Uploads (`source.upload`, PVC annotation `storage.upload.target`) go Pending, UploadScheduled
+(pod made, not ready yet), UploadReady (`storage.pod.ready=true`), Succeeded, as CDI's; their
+events are CDI's upload ones (UploadScheduled, UploadReady, UploadSucceeded, UploadFailed).
+
 Called by `cdi.controller.manager` through a `Controller`. Must not create or delete pods or
-write PVC annotations: the importer pod and the `storage.*` bookkeeping are
-`cdi.controller.importing`'s; this module only reads them.
+write PVC annotations: the worker pods and the `storage.*` bookkeeping are
+`cdi.controller.importing`'s and `cdi.controller.uploading`'s; this module only reads them.
 """
 
 from __future__ import annotations
@@ -76,6 +80,14 @@ _PHASE_EVENTS: Final[Mapping[str, tuple[str, str]]] = {
     DataVolumePhase.PENDING: ("Pending", "PVC {} Pending"),
     DataVolumePhase.PVC_BOUND: ("Bound", "PVC {} Bound"),
 }
+#: An upload's own events for the phases they share with imports (CDI's wording).
+_UPLOAD_PHASE_EVENTS: Final[Mapping[str, tuple[str, str]]] = {
+    **_PHASE_EVENTS,
+    DataVolumePhase.UPLOAD_SCHEDULED: ("UploadScheduled", "Upload into {} scheduled"),
+    DataVolumePhase.UPLOAD_READY: ("UploadReady", "Upload into {} ready"),
+    DataVolumePhase.SUCCEEDED: ("UploadSucceeded", "Successfully uploaded into {}"),
+    DataVolumePhase.FAILED: ("UploadFailed", "Upload into {} failed"),
+}
 
 
 def progress_regex(owner_uid: str) -> re.Pattern[str]:
@@ -115,6 +127,20 @@ def _parse_time(text: str) -> datetime.datetime:
         return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
     except ValueError:
         return datetime.datetime.now(datetime.UTC)
+
+
+def upload_phase(annotations: Mapping[str, str]) -> DataVolumePhase:
+    """CDI's phase of an upload DataVolume whose PVC is Bound: UploadScheduled until the upload
+    pod runs and is ready (`storage.pod.ready`), then UploadReady until it succeeds (CDI shows no
+    "in progress" for uploads); Failed only when the upload failed for good."""
+    if annotations.get(ann.FATAL_ERROR) == "true":
+        return DataVolumePhase.FAILED
+    pod_phase = annotations.get(ann.POD_PHASE, "")
+    if pod_phase == PodPhase.SUCCEEDED:
+        return DataVolumePhase.SUCCEEDED
+    if pod_phase == PodPhase.RUNNING and annotations.get(ann.POD_READY) == "true":
+        return DataVolumePhase.UPLOAD_READY
+    return DataVolumePhase.UPLOAD_SCHEDULED
 
 
 def _condition(type_: str, status: str, reason: str, message: str) -> Obj:
@@ -275,6 +301,7 @@ class DataVolumeReconciler:
         progress = str(old.get("progress") or PROGRESS_NONE)
         requeue: float | None = None
         old_phase = str(old.get("phase") or "")
+        upload = ann.UPLOAD_TARGET in annotations
 
         if pvc_phase == PVCPhase.PENDING:
             waiting = await self._wffc(pvc)
@@ -288,7 +315,11 @@ class DataVolumeReconciler:
             bound = _condition(
                 ConditionType.BOUND, ConditionStatus.TRUE, "Bound", f"PVC {name} Bound"
             )
-            if annotations.get(ann.FATAL_ERROR) == "true":
+            if upload:
+                phase = upload_phase(annotations)
+                if phase == DataVolumePhase.SUCCEEDED:
+                    progress = PROGRESS_DONE
+            elif annotations.get(ann.FATAL_ERROR) == "true":
                 phase = DataVolumePhase.FAILED
             elif pod_phase == PodPhase.SUCCEEDED:
                 phase = DataVolumePhase.SUCCEEDED
@@ -351,8 +382,9 @@ class DataVolumeReconciler:
         except ValueError:
             restarts = 0
         event: tuple[str, str] | None = None
-        if phase != old_phase and phase in _PHASE_EVENTS:
-            reason, pattern = _PHASE_EVENTS[phase]
+        phase_events = _UPLOAD_PHASE_EVENTS if upload else _PHASE_EVENTS
+        if phase != old_phase and phase in phase_events:
+            reason, pattern = phase_events[phase]
             message = pattern.format(name)
             if phase == DataVolumePhase.FAILED:
                 message = annotations.get(ann.CONDITION_RUNNING_MESSAGE) or message

@@ -1,13 +1,14 @@
 """Runs the controllers of the control plane: `run_controllers(client, stop=..., local=...)`.
 
 Owns wiring, not logic: the DataVolume controller (primary DataVolume, watching the PVCs it
-controls), the import controller (primary PVC, watching the importer pods it controls), and a
-small loop that keeps the CDIConfig `config` (created when missing; status from
-`config.cdiconfig_status`) and one StorageProfile per StorageClass (status from
+controls), the import and upload controllers (primary PVC, each watching the worker pods the
+PVC controls), and a small loop that keeps the CDIConfig `config` (created when missing; status
+from `config.cdiconfig_status`) and one StorageProfile per StorageClass (status from
 `config.storage_profile_status`) up to date.
 
 Called by `cdi server` (with its node client) and by tests. Must not interpret DataVolumes or
-PVCs itself: that is `cdi.controller.datavolume` and `cdi.controller.importing`.
+PVCs itself: that is `cdi.controller.datavolume`, `cdi.controller.importing` and
+`cdi.controller.uploading`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cdi.controller.config import cdiconfig_status, storage_profile_status
 from cdi.controller.datavolume import DataVolumeReconciler
 from cdi.controller.importing import ImportReconciler
 from cdi.controller.runtime import Controller, Request, Result
+from cdi.controller.uploading import UploadReconciler, UploadSettings
 from cdi.kube.client import Client
 from cdi.kube.errors import AlreadyExists, ApiError, NotFound
 
@@ -117,8 +119,10 @@ async def _config_loop(client: Client, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), CONFIG_INTERVAL)
 
 
-async def run_controllers(client: Client, *, stop: asyncio.Event, local: bool) -> None:
-    """Run the DataVolume and import controllers and the config loop until `stop` is set."""
+async def run_controllers(
+    client: Client, *, stop: asyncio.Event, local: bool, upload: UploadSettings | None = None
+) -> None:
+    """Run the DataVolume, import and upload controllers and the config loop until `stop`."""
     datavolumes = Controller(
         client,
         name="datavolume",
@@ -135,6 +139,14 @@ async def run_controllers(client: Client, *, stop: asyncio.Event, local: bool) -
         workers=WORKERS,
     )
     imports.watch_owned(POD, owner_kind=PERSISTENT_VOLUME_CLAIM.kind)
+    uploads = Controller(
+        client,
+        name="upload",
+        primary=PERSISTENT_VOLUME_CLAIM,
+        reconcile=UploadReconciler(client, local=local, settings=upload),
+        workers=WORKERS,
+    )
+    uploads.watch_owned(POD, owner_kind=PERSISTENT_VOLUME_CLAIM.kind)
     config = Controller(
         client, name="config", primary=CDI_CONFIG, reconcile=ConfigReconciler(client), workers=1
     )
@@ -142,6 +154,10 @@ async def run_controllers(client: Client, *, stop: asyncio.Event, local: bool) -
     config.watch_mapped(STORAGE_PROFILE, _the_config)
     log.info("controllers starting local=%s", local)
     await asyncio.gather(
-        datavolumes.run(stop), imports.run(stop), config.run(stop), _config_loop(client, stop)
+        datavolumes.run(stop),
+        imports.run(stop),
+        uploads.run(stop),
+        config.run(stop),
+        _config_loop(client, stop),
     )
     log.info("controllers stopped")

@@ -1,4 +1,4 @@
-"""The source protocol every import source implements (http, s3; registry and upload later).
+"""The source protocol every import source implements (http, s3, upload; registry later).
 
 A source is probed once (size, byte-range support, the final URL after redirects), then read
 as a stream of chunks from an offset; a source that serves ranges resumes a broken stream by
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 CHUNK_SIZE = 1 << 20  # big enough to amortise per-chunk overhead, small enough to bound memory
@@ -20,6 +21,9 @@ class SourceInfo:
     size: int | None
     ranges: bool
     url: str
+    local_path: Path | None = None
+    """The source is this local, seekable file (a staged upload): an image that needs
+    conversion is converted from it in place instead of being copied to scratch first."""
 
 
 class Source(Protocol):

@@ -1,0 +1,132 @@
+"""Upload sources: the bytes of an HTTP request body, or of a staged (resumable) upload.
+
+`BodySource` reads whatever `read(n)` returns (an aiohttp request's `content.readany`, or a
+multipart part's `read_chunk`) and hands the pipeline chunks of about CHUNK_SIZE. It reads only
+when the pipeline asks for more, so the request's own flow control (aiohttp pauses the socket when
+its buffer is full) bounds memory whatever the body size. There are no ranges: an image that needs
+conversion goes through scratch, as from an HTTP server without Range support.
+
+`StagedFileSource` reads a local file holding a whole resumable upload; it tells the pipeline the
+file's path so that an image that needs conversion is converted from it in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
+
+from importer.errors import ImporterError
+from importer.sources.base import CHUNK_SIZE, SourceInfo
+
+ReadFn = Callable[[int], Awaitable[bytes]]
+# A body that broke off: connection lost, shorter than its Content-Length, bad chunked or
+# multipart framing (aiohttp raises ValueError for a malformed multipart body).
+_BODY_ERRORS = (
+    OSError,
+    asyncio.IncompleteReadError,
+    HttpProcessingError,
+    aiohttp.ClientPayloadError,
+    ValueError,
+)
+
+
+class UploadBodyError(ImporterError):
+    """The request body ended early or the connection broke: the client's upload is incomplete."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"Unable to process data: the upload is incomplete: {detail}")
+
+
+class BodySource:
+    kind = "upload"
+
+    def __init__(self, read: ReadFn, size: int | None, description: str) -> None:
+        self._read = read
+        self._size = size
+        self._description = description
+        self.received = 0
+
+    async def probe(self) -> SourceInfo:
+        return SourceInfo(size=self._size, ranges=False, url=self._description)
+
+    async def stream(self, offset: int = 0) -> AsyncIterator[bytes]:
+        if offset:
+            raise UploadBodyError("a request body cannot be read again from an offset")
+        buf = bytearray()
+        while True:
+            try:
+                data = await self._read(CHUNK_SIZE - len(buf))
+            except _BODY_ERRORS as err:
+                raise UploadBodyError(self._short(str(err) or type(err).__name__)) from err
+            if data:
+                self.received += len(data)
+                buf += data
+                if self._size is not None and self.received > self._size:
+                    raise UploadBodyError(
+                        f"the body is longer than its Content-Length {self._size}"
+                    )
+                if len(buf) < CHUNK_SIZE:
+                    continue
+            if buf:
+                chunk = bytes(buf)
+                buf.clear()
+                yield chunk
+            if not data:
+                break
+        if self._size is not None and self.received < self._size:
+            raise UploadBodyError(self._short("the body ended"))
+
+    def _short(self, why: str) -> str:
+        total = self._size if self._size is not None else "?"
+        return f"received {self.received} of {total} bytes ({why})"
+
+    def plugin_config(self) -> dict[str, Any]:
+        raise RuntimeError("an upload body cannot be read by range")
+
+    async def close(self) -> None:
+        return None
+
+
+class StagedFileSource:
+    """A complete upload staged in a local file (resumable uploads)."""
+
+    kind = "upload"
+
+    def __init__(self, path: Path, size: int) -> None:
+        self._path = path
+        self._size = size
+
+    async def probe(self) -> SourceInfo:
+        return SourceInfo(
+            size=self._size, ranges=False, url=f"staged upload {self._path}", local_path=self._path
+        )
+
+    async def stream(self, offset: int = 0) -> AsyncIterator[bytes]:
+        fd = await asyncio.to_thread(os.open, self._path, os.O_RDONLY)
+        try:
+            position = offset
+            while position < self._size:
+                chunk = await asyncio.to_thread(
+                    os.pread, fd, min(CHUNK_SIZE, self._size - position), position
+                )
+                if not chunk:
+                    raise UploadBodyError(
+                        f"the staged upload {self._path} holds {position} of {self._size} bytes"
+                    )
+                position += len(chunk)
+                yield chunk
+        finally:
+            os.close(fd)
+
+    def plugin_config(self) -> dict[str, Any]:
+        raise RuntimeError("a staged upload is converted in place, not served by range")
+
+    async def close(self) -> None:
+        return None
