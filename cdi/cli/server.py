@@ -28,6 +28,7 @@ from aiohttp import web
 
 from cdi.agent import ContainerRequired, LogNotFound, read_log, run_agent
 from cdi.apiserver.signing import SigningKeyError, ensure_signing_key
+from cdi.controller.importing import CDI_NAMESPACE
 from cdi.controller.manager import run_controllers
 from cdi.kube.client import Client
 from cdi.kube.config import load_kubeconfig
@@ -40,6 +41,8 @@ from cdi.kubeapi.pki import ensure_pki
 from cdi.kubeapi.registry import CRD_KEY
 from cdi.kubeapi.store import Store
 from cdi.provisioner import run_provisioner
+from uploadproxy.app import make_app as make_proxy_app
+from uploadproxy.settings import ProxySettings, ResolveMode
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,17 @@ class ServerSettings:
     local_node: bool = True
     """Run the local node: the agent (Pod objects as processes, files under <data_dir>/pods) and
     the provisioner (volumes under <data_dir>/volumes). Off: an API with nothing to run pods."""
+    upload_proxy: bool = True
+    """Serve the upload proxy (what `cdi image-upload` and virtctl send images to)."""
+    upload_proxy_port: int | None = None
+    """Its port: 8443 by default, a free one when the API's `port` is 0 (tests run several
+    servers side by side)."""
+
+    @property
+    def proxy_port(self) -> int:
+        if self.upload_proxy_port is not None:
+            return self.upload_proxy_port
+        return 0 if self.port == 0 else 8443
 
     @property
     def db_path(self) -> Path:
@@ -96,6 +110,12 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--no-controllers", action="store_true", help="no CDI controllers in this process"
     )
+    parser.add_argument(
+        "--upload-proxy-port",
+        type=int,
+        help="upload proxy port [8443; a free one with --port 0]",
+    )
+    parser.add_argument("--no-upload-proxy", action="store_true", help="no upload proxy")
     parser.add_argument("--show-config", action="store_true", help="print the settings and exit")
     parser.set_defaults(handler=run)
 
@@ -109,6 +129,8 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         token_file=args.token_file,
         local_node=not args.no_local_node,
         controllers=not args.no_controllers,
+        upload_proxy=not args.no_upload_proxy,
+        upload_proxy_port=args.upload_proxy_port,
     )
 
 
@@ -218,6 +240,24 @@ def install_defaults(store: Store) -> None:
             )
 
 
+async def _start_upload_proxy(
+    settings: ServerSettings, client: Client, ssl_ctx: ssl.SSLContext | None
+) -> tuple[web.AppRunner, str]:
+    """The upload proxy on its own listener (its paths live at the root, as CDI's), with the API
+    server's certificate, reaching upload pods by their IP (local Services do not resolve)."""
+    proxy_settings = ProxySettings(
+        namespace=CDI_NAMESPACE,
+        resolve=ResolveMode.POD_IP if settings.local_node else ResolveMode.SERVICE,
+    )
+    runner = web.AppRunner(make_proxy_app(proxy_settings, client), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.proxy_port, ssl_context=ssl_ctx)
+    await site.start()
+    port = runner.addresses[0][1]
+    scheme = "http" if ssl_ctx is None else "https"
+    return runner, f"{scheme}://{settings.host}:{port}"
+
+
 async def serve(
     settings: ServerSettings,
     *,
@@ -278,14 +318,25 @@ async def serve(
                     run_agent(node_client, root=settings.data_dir, stop=node_stop), name="agent"
                 ),
             ]
+        proxy_runner: web.AppRunner | None = None
+        proxy_url: str | None = None
+        if settings.upload_proxy:
+            proxy_runner, proxy_url = await _start_upload_proxy(settings, node_client, ssl_ctx)
         if settings.controllers:
             node.append(
                 asyncio.create_task(
-                    run_controllers(node_client, stop=node_stop, local=settings.local_node),
+                    run_controllers(
+                        node_client,
+                        stop=node_stop,
+                        local=settings.local_node,
+                        upload_proxy_url=proxy_url,
+                    ),
                     name="controllers",
                 )
             )
         print(f"cdi server: API at {url}", flush=True)
+        if proxy_url:
+            print(f"cdi server: upload proxy at {proxy_url}", flush=True)
         print(
             f"cdi server: kubeconfig {settings.kubeconfig_path.resolve()} "
             f"(KUBECONFIG={settings.kubeconfig_path} kubectl get dv -A)",
@@ -304,6 +355,8 @@ async def serve(
         finally:
             # The agent kills and reaps every pod process here: nothing outlives `cdi server`.
             node_stop.set()
+            if proxy_runner is not None:
+                await proxy_runner.cleanup()
             for result in await asyncio.gather(*node, return_exceptions=True):
                 if isinstance(result, Exception):
                     log.error("local node loop failed", exc_info=result)

@@ -103,8 +103,15 @@ def valid_overhead(value: object) -> bool:
     return isinstance(value, str) and bool(_OVERHEAD.match(value))
 
 
-def cdiconfig_status(spec: Mapping[str, Any], storage_classes: Iterable[Mapping[str, Any]]) -> Obj:
-    """The CDIConfig `status` for `spec`, given the StorageClasses that exist now."""
+def cdiconfig_status(
+    spec: Mapping[str, Any],
+    storage_classes: Iterable[Mapping[str, Any]],
+    *,
+    upload_proxy_url: str | None = None,
+) -> Obj:
+    """The CDIConfig `status` for `spec`, given the StorageClasses that exist now.
+    `upload_proxy_url` is where this installation serves its upload proxy (CDI finds it from an
+    Ingress or Route); the spec's `uploadProxyURLOverride` wins over it."""
     class_names = [str(sc.get("metadata", {}).get("name", "")) for sc in storage_classes]
     status: Obj = {
         "preallocation": bool(spec.get("preallocation")),
@@ -117,7 +124,7 @@ def cdiconfig_status(spec: Mapping[str, Any], storage_classes: Iterable[Mapping[
     }
     # CDI falls back to an Ingress or Route host; there is none to look at here, so only the
     # override counts (the all-in-one server's CLI knows its own upload proxy address).
-    if override := spec.get("uploadProxyURLOverride"):
+    if override := spec.get("uploadProxyURLOverride") or upload_proxy_url:
         status["uploadProxyURL"] = str(override)
     if secrets := spec.get("imagePullSecrets"):
         status["imagePullSecrets"] = copy.deepcopy(list(secrets))

@@ -46,7 +46,7 @@ CONFIG_INTERVAL: Final = 10.0
 net, and the way a cluster with no StorageClass at all still gets its CDIConfig."""
 
 
-async def sync_config(client: Client) -> None:
+async def sync_config(client: Client, *, upload_proxy_url: str | None = None) -> None:
     """One pass: CDIConfig `config` and a StorageProfile per StorageClass, status up to date."""
     classes, _ = await client.list(STORAGE_CLASS)
     try:
@@ -63,7 +63,7 @@ async def sync_config(client: Client) -> None:
             log.info("%s CDIConfig created", CDI_CONFIG_NAME)
         except AlreadyExists:
             config = await client.get(CDI_CONFIG, CDI_CONFIG_NAME)
-    status = cdiconfig_status(config.get("spec") or {}, classes)
+    status = cdiconfig_status(config.get("spec") or {}, classes, upload_proxy_url=upload_proxy_url)
     if config.get("status") != status:
         config["status"] = status
         # CDI's CDIConfig CRD has no status subresource: status is written with the object.
@@ -97,11 +97,12 @@ class ConfigReconciler:
     Event-driven so that a new StorageClass has its StorageProfile before DataVolumes need it
     (the local provisioner creates its classes while the controllers start)."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, *, upload_proxy_url: str | None = None) -> None:
         self.client = client
+        self.upload_proxy_url = upload_proxy_url
 
     async def __call__(self, request: Request) -> Result:
-        await sync_config(self.client)
+        await sync_config(self.client, upload_proxy_url=self.upload_proxy_url)
         return Result()
 
 
@@ -109,10 +110,12 @@ def _the_config(_: dict[str, Any]) -> list[Request]:
     return [Request("", CDI_CONFIG_NAME)]
 
 
-async def _config_loop(client: Client, stop: asyncio.Event) -> None:
+async def _config_loop(
+    client: Client, stop: asyncio.Event, *, upload_proxy_url: str | None
+) -> None:
     while not stop.is_set():
         try:
-            await sync_config(client)
+            await sync_config(client, upload_proxy_url=upload_proxy_url)
         except ApiError as err:
             log.warning("config sync failed error=%s", err)
         with contextlib.suppress(TimeoutError):
@@ -120,9 +123,15 @@ async def _config_loop(client: Client, stop: asyncio.Event) -> None:
 
 
 async def run_controllers(
-    client: Client, *, stop: asyncio.Event, local: bool, upload: UploadSettings | None = None
+    client: Client,
+    *,
+    stop: asyncio.Event,
+    local: bool,
+    upload: UploadSettings | None = None,
+    upload_proxy_url: str | None = None,
 ) -> None:
-    """Run the DataVolume, import and upload controllers and the config loop until `stop`."""
+    """Run the DataVolume, import and upload controllers and the config loop until `stop`.
+    `upload_proxy_url` is published as CDIConfig status.uploadProxyURL (unless overridden)."""
     datavolumes = Controller(
         client,
         name="datavolume",
@@ -148,7 +157,11 @@ async def run_controllers(
     )
     uploads.watch_owned(POD, owner_kind=PERSISTENT_VOLUME_CLAIM.kind)
     config = Controller(
-        client, name="config", primary=CDI_CONFIG, reconcile=ConfigReconciler(client), workers=1
+        client,
+        name="config",
+        primary=CDI_CONFIG,
+        reconcile=ConfigReconciler(client, upload_proxy_url=upload_proxy_url),
+        workers=1,
     )
     config.watch_mapped(STORAGE_CLASS, _the_config)
     config.watch_mapped(STORAGE_PROFILE, _the_config)
@@ -158,6 +171,6 @@ async def run_controllers(
         imports.run(stop),
         uploads.run(stop),
         config.run(stop),
-        _config_loop(client, stop),
+        _config_loop(client, stop, upload_proxy_url=upload_proxy_url),
     )
     log.info("controllers stopped")
