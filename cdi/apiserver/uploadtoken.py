@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cdi.api import groups, jwt
+from cdi.api.tokens import UPLOAD_TOKEN_LIFETIME_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,14 @@ def issue(
     *,
     user: str = "",
     now: float | None = None,
+    lifetime: int = UPLOAD_TOKEN_LIFETIME_SECONDS,
 ) -> dict[str, Any]:
     """The answer to UploadTokenRequest `obj` sent to `namespace`: the object as sent, with
-    apiVersion, kind, `metadata.namespace` and `status.token` set."""
+    apiVersion, kind, `metadata.namespace` and `status.token` (valid `lifetime` s) set."""
     name = pvc_name(obj)
     moment = time.time() if now is None else now
-    token = jwt.sign(private_pem, jwt.upload_token_claims(name, namespace, now=moment))
+    claims = jwt.upload_token_claims(name, namespace, now=moment, lifetime=lifetime)
+    token = jwt.sign(private_pem, claims)
     answer = copy.deepcopy(dict(obj))
     answer["apiVersion"] = RESOURCE.api_version
     answer["kind"] = RESOURCE.kind

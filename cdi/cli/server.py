@@ -27,6 +27,7 @@ import yaml
 from aiohttp import web
 
 from cdi.agent import ContainerRequired, LogNotFound, read_log, run_agent
+from cdi.api.tokens import UPLOAD_TOKEN_LIFETIME_SECONDS
 from cdi.apiserver.signing import SigningKeyError, ensure_signing_key
 from cdi.controller.importing import CDI_NAMESPACE
 from cdi.controller.manager import run_controllers
@@ -68,6 +69,8 @@ class ServerSettings:
     local_node: bool = True
     """Run the local node: the agent (Pod objects as processes, files under <data_dir>/pods) and
     the provisioner (volumes under <data_dir>/volumes). Off: an API with nothing to run pods."""
+    upload_token_lifetime: int = UPLOAD_TOKEN_LIFETIME_SECONDS
+    """Seconds an upload token (UploadTokenRequest) is valid: CDI's 5 minutes by default."""
     upload_proxy: bool = True
     """Serve the upload proxy (what `cdi image-upload` and virtctl send images to)."""
     upload_proxy_port: int | None = None
@@ -116,6 +119,13 @@ def register(sub: Any) -> None:
         help="upload proxy port [8443; a free one with --port 0]",
     )
     parser.add_argument("--no-upload-proxy", action="store_true", help="no upload proxy")
+    parser.add_argument(
+        "--upload-token-lifetime",
+        type=int,
+        default=UPLOAD_TOKEN_LIFETIME_SECONDS,
+        metavar="SECONDS",
+        help="validity of upload tokens [300, as CDI]",
+    )
     parser.add_argument("--show-config", action="store_true", help="print the settings and exit")
     parser.set_defaults(handler=run)
 
@@ -130,6 +140,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         local_node=not args.no_local_node,
         controllers=not args.no_controllers,
         upload_proxy=not args.no_upload_proxy,
+        upload_token_lifetime=args.upload_token_lifetime,
         upload_proxy_port=args.upload_proxy_port,
     )
 
@@ -285,6 +296,7 @@ async def serve(
             anonymous_admin=settings.insecure_http,
             log_reader=pod_logs,
             signing_key=signing_key,
+            upload_token_lifetime=settings.upload_token_lifetime,
         )
         runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=5.0)
         await runner.setup()

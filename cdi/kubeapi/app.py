@@ -22,6 +22,7 @@ import yaml
 from aiohttp import web
 
 from cdi import __version__
+from cdi.api.tokens import UPLOAD_TOKEN_LIFETIME_SECONDS
 from cdi.apiserver import uploadtoken
 from cdi.kubeapi import patch as patching
 from cdi.kubeapi.auth import (
@@ -181,11 +182,13 @@ class ApiServer:
         admission: list[Callable[[ResourceType, str, Obj, Obj | None], Obj]] | None = None,
         anonymous_admin: bool = False,
         signing_key: bytes | None = None,
+        upload_token_lifetime: int = UPLOAD_TOKEN_LIFETIME_SECONDS,
     ) -> None:
         self.store = store
         # CDI's own API (cdi.apiserver): UploadTokenRequest is served when there is a key
         # (private PEM, cdi.apiserver.signing) to sign the tokens with.
         self.signing_key = signing_key
+        self.upload_token_lifetime = upload_token_lifetime
         self.registry = Registry(extra=(UPLOAD_TOKEN_REQUESTS,) if signing_key else ())
         self.authenticator = authenticator
         self.authorizer = Authorizer(self._list_for_rbac)
@@ -794,7 +797,13 @@ class ApiServer:
         assert self.signing_key is not None  # the type is only served with a key
         user: UserInfo = request[USER_KEY]
         try:
-            answer = uploadtoken.issue(obj, namespace, self.signing_key, user=user.name)
+            answer = uploadtoken.issue(
+                obj,
+                namespace,
+                self.signing_key,
+                user=user.name,
+                lifetime=self.upload_token_lifetime,
+            )
         except uploadtoken.InvalidUploadTokenRequest as err:
             causes = [
                 StatusCause(reason=e.reason, message=e.message, field=e.field) for e in err.errors

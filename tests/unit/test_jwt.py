@@ -341,3 +341,20 @@ def test_is_upload_for() -> None:
     )
     assert not jwt.is_upload_for(claims(resource="persistentvolumeclaims"), "disk", "ns1")
     assert not jwt.is_upload_for(claims(name=""), "", "ns1")
+
+
+def test_upload_token_lifetime_is_configurable() -> None:
+    from cdi.apiserver import uploadtoken  # noqa: PLC0415
+
+    key = jwt.generate_signing_key()
+    obj = {"metadata": {"name": "t"}, "spec": {"pvcName": "disk"}}
+    answer = uploadtoken.issue(obj, "ns", key, now=1000.0, lifetime=3600)
+    claims = jwt.verify(
+        jwt.public_key_pem(key), answer["status"]["token"], issuer="cdi-apiserver", now=4500.0
+    )
+    assert claims["exp"] - claims["iat"] == 3600
+    default = uploadtoken.issue(obj, "ns", key, now=1000.0)
+    claims = jwt.verify(
+        jwt.public_key_pem(key), default["status"]["token"], issuer="cdi-apiserver", now=1200.0
+    )
+    assert claims["exp"] - claims["iat"] == 300
