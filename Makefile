@@ -64,7 +64,7 @@ lint: deps-test
 
 # pytest exits 5 when it collected nothing; that is a failure here, never a pass.
 test: lint
-	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -m 'not slow'; rc=$$?; \
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest -m 'not slow' --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure"; exit 1; fi; exit $$rc
 
 test-slow: deps-test
