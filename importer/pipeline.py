@@ -120,6 +120,9 @@ class ChainReader(io.RawIOBase):
                 return len(data)
             self._head.close()
             self._head = None
+        readinto = getattr(self._rest, "readinto", None)  # buffered and decompressing readers
+        if readinto is not None:
+            return int(readinto(out) or 0)  # straight into the caller's buffer: no copy
         data = self._rest.read(len(out))
         out[: len(data)] = data
         return len(data)

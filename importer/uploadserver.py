@@ -76,6 +76,7 @@ async def serve(settings: UploadSettings) -> int:
         handle_signals=False,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
         access_log_format='%a "%r" %s %b %Tfs',
+        read_bufsize=1 << 20,
     )
     await runner.setup()
     site = web.TCPSite(

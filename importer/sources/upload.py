@@ -59,24 +59,29 @@ class BodySource:
     async def stream(self, offset: int = 0) -> AsyncIterator[bytes]:
         if offset:
             raise UploadBodyError("a request body cannot be read again from an offset")
-        buf = bytearray()
+        # Chunks as they arrive are gathered up to CHUNK_SIZE and joined once (one copy; none
+        # when a single read already filled it): the per-chunk cost downstream stays low.
+        parts: list[bytes] = []
+        held = 0
         while True:
             try:
-                data = await self._read(CHUNK_SIZE - len(buf))
+                data = await self._read(CHUNK_SIZE - held)
             except _BODY_ERRORS as err:
                 raise UploadBodyError(self._short(str(err) or type(err).__name__)) from err
             if data:
                 self.received += len(data)
-                buf += data
+                parts.append(data)
+                held += len(data)
                 if self._size is not None and self.received > self._size:
                     raise UploadBodyError(
                         f"the body is longer than its Content-Length {self._size}"
                     )
-                if len(buf) < CHUNK_SIZE:
+                if held < CHUNK_SIZE:
                     continue
-            if buf:
-                chunk = bytes(buf)
-                buf.clear()
+            if parts:
+                chunk = parts[0] if len(parts) == 1 else b"".join(parts)
+                parts.clear()
+                held = 0
                 yield chunk
             if not data:
                 break
