@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 from cdi.api import SourceType, VolumeMode
@@ -75,7 +76,7 @@ SIZE_MARKERS: Final = (
 MESSAGE_TOO_SMALL: Final = "DataVolume too small to contain image"
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     stripped = text.strip()
     line = stripped.splitlines()[0] if stripped else ""
     return MESSAGE_TOO_SMALL if any(m in line for m in SIZE_MARKERS) else line
@@ -87,9 +88,9 @@ def _terminated_message(terminated: Mapping[str, Any]) -> str:
         try:
             parsed = TerminationMessage.from_json(text)
         except TerminationMessageError:
-            return _first_line(text)
+            return first_line(text)
         return parsed.message or ""
-    return _first_line(text)
+    return first_line(text)
 
 
 #: Waiting reasons that mean the image could not be pulled (CDI: reason ImagePullFailed).
@@ -160,14 +161,31 @@ def _terminated(terminated: Mapping[str, Any]) -> tuple[str, str, str]:
     return "false", reason, message
 
 
-def _failed_terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+@dataclass(frozen=True, slots=True)
+class WorkerFailure:
+    """A worker container's last failed run, as the reconcilers judge it."""
+
+    text: str
+    """For the Running condition: the first line, in CDI's wording (size errors normalised)."""
+    detail: str
+    """The worker's own first line (with the sizes of a too-small volume): events and logs."""
+    reason: str | None
+    """The Running reason when no retry can help (`fatal_reason`), else None."""
+
+
+def worker_failure(pod: Mapping[str, Any]) -> WorkerFailure | None:
+    """The worker's current or previous termination with a non-zero exit, judged; None when
+    it has not failed."""
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
     if not statuses:
         return None
     for where in ("state", "lastState"):
         terminated = (statuses[0].get(where) or {}).get("terminated")
         if terminated and int(terminated.get("exitCode") or 0) != 0:
-            return dict(terminated)
+            full = str(terminated.get("message") or "").strip()
+            detail = full.splitlines()[0] if full else ""
+            # The worker's own line decides finality: the normalised one hides the marker.
+            return WorkerFailure(first_line(full), detail, fatal_reason(detail))
     return None
 
 
@@ -391,7 +409,7 @@ class ImportReconciler:
             try:
                 message = TerminationMessage.from_json(text)
             except TerminationMessageError:
-                message = TerminationMessage(message=_first_line(text))
+                message = TerminationMessage(message=first_line(text))
             if message.scratch_space_required:
                 log.info("%s/%s importer asks for scratch space pod=%s", ns, name, pod_name)
                 wanted.update(
@@ -415,14 +433,9 @@ class ImportReconciler:
             await self._cleanup(Request(ns, name), pod_name, scratch=True)
             return Result()
 
-        failed = _failed_terminated(pod)
+        failed = worker_failure(pod)
         if failed is not None:
-            full = str(failed.get("message") or "").strip()
-            # CDI's wording for the condition; the importer's own line (with the sizes of a
-            # too-small volume) decides whether it is final and goes into the event.
-            text = _first_line(full)
-            detail = full.splitlines()[0] if full else ""
-            reason = fatal_reason(detail)
+            text, detail, reason = failed.text, failed.detail, failed.reason
             if reason is not None:
                 log.warning(
                     "%s/%s import failed for good pod=%s message=%s", ns, name, pod_name, detail

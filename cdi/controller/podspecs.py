@@ -119,7 +119,7 @@ def _insecure_tls(
     return parts.scheme == "docker" and parts.netloc in set(insecure_registries)
 
 
-def _env(name: str, value: str) -> Obj:
+def env_var(name: str, value: str) -> Obj:
     # The API server drops an empty `value`; writing it the same way keeps the pod as read back
     # identical to the pod created (no spurious diffs for reconcilers comparing them).
     return {"name": name, "value": value} if value else {"name": name}
@@ -129,7 +129,7 @@ def _secret_env(name: str, secret: str, key: str) -> Obj:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
-def _pod_resources(cdi_config_status: Mapping[str, Any]) -> Obj:
+def pod_resources(cdi_config_status: Mapping[str, Any]) -> Obj:
     configured = cdi_config_status.get("defaultPodResourceRequirements")
     source: Mapping[str, Any] = (
         configured if isinstance(configured, Mapping) else DEFAULT_POD_RESOURCE_REQUIREMENTS
@@ -142,6 +142,32 @@ def _pod_resources(cdi_config_status: Mapping[str, Any]) -> Obj:
         if kept:
             resources[kind] = kept
     return resources
+
+
+def worker_security_context(*, local: bool) -> Obj:
+    """CDI's restricted container security context; `local` leaves out the uid (see above)."""
+    security: Obj = {
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+        "allowPrivilegeEscalation": False,
+    }
+    if not local:
+        security["runAsNonRoot"] = True
+        security["runAsUser"] = env.QEMU_UID
+    return security
+
+
+def apply_pod_options(
+    pod_spec: Obj, annotations: Mapping[str, str], cdi_config_status: Mapping[str, Any]
+) -> None:
+    """What every worker pod takes from its PVC's annotations and from CDIConfig: priority
+    class, service account, image pull secrets."""
+    if priority := annotations.get(ann.POD_PRIORITY_CLASS_NAME):
+        pod_spec["priorityClassName"] = priority
+    if account := annotations.get(ann.POD_SERVICE_ACCOUNT_NAME):
+        pod_spec["serviceAccountName"] = account
+    if pull_secrets := cdi_config_status.get("imagePullSecrets"):
+        pod_spec["imagePullSecrets"] = [dict(s) for s in pull_secrets]
 
 
 def importer_pod(
@@ -206,29 +232,29 @@ def importer_pod(
         env.CACHE_MODE_TRY_NONE if annotations.get(ann.REQUIRES_DIRECT_IO) == "true" else ""
     )
     container_env = [
-        _env(env.IMPORTER_SOURCE, source.value),
-        _env(env.IMPORTER_ENDPOINT, endpoint),
-        _env(env.IMPORTER_CONTENTTYPE, content.value),
-        _env(env.IMPORTER_IMAGE_SIZE, str(image_size)),
-        _env(env.OWNER_UID, owner_uid),
-        _env(env.FILESYSTEM_OVERHEAD, pvc_overhead(pvc, cdi_config_status)),
-        _env(env.INSECURE_TLS, str(insecure).lower()),
-        _env(env.IMPORTER_DISK_ID, annotations.get(ann.IMPORT_DISK_ID, "")),
-        _env(env.IMPORTER_UUID, annotations.get(ann.IMPORT_UUID, "")),
-        _env(env.IMPORTER_PULL_METHOD, ""),
-        _env(env.IMPORTER_READY_FILE, ""),
-        _env(env.IMPORTER_DONE_FILE, ""),
-        _env(env.IMPORTER_BACKING_FILE, annotations.get(ann.IMPORT_BACKING_FILE, "")),
-        _env(env.IMPORTER_THUMBPRINT, annotations.get(ann.IMPORT_VDDK_THUMBPRINT, "")),
-        _env(env.HTTP_PROXY, http_proxy),
-        _env(env.HTTPS_PROXY, https_proxy),
-        _env(env.NO_PROXY, no_proxy),
-        _env(env.IMPORTER_CURRENT_CHECKPOINT, annotations.get(ann.CHECKPOINT_CURRENT, "")),
-        _env(env.IMPORTER_PREVIOUS_CHECKPOINT, annotations.get(ann.CHECKPOINT_PREVIOUS, "")),
-        _env(env.IMPORTER_FINAL_CHECKPOINT, annotations.get(ann.CHECKPOINT_FINAL, "")),
-        _env(env.PREALLOCATION, str(preallocation).lower()),
-        _env(env.CACHE_MODE, cache_mode),
-        _env(env.IMPORTER_CHECKSUM, annotations.get(ann.IMPORT_CHECKSUM, "")),
+        env_var(env.IMPORTER_SOURCE, source.value),
+        env_var(env.IMPORTER_ENDPOINT, endpoint),
+        env_var(env.IMPORTER_CONTENTTYPE, content.value),
+        env_var(env.IMPORTER_IMAGE_SIZE, str(image_size)),
+        env_var(env.OWNER_UID, owner_uid),
+        env_var(env.FILESYSTEM_OVERHEAD, pvc_overhead(pvc, cdi_config_status)),
+        env_var(env.INSECURE_TLS, str(insecure).lower()),
+        env_var(env.IMPORTER_DISK_ID, annotations.get(ann.IMPORT_DISK_ID, "")),
+        env_var(env.IMPORTER_UUID, annotations.get(ann.IMPORT_UUID, "")),
+        env_var(env.IMPORTER_PULL_METHOD, ""),
+        env_var(env.IMPORTER_READY_FILE, ""),
+        env_var(env.IMPORTER_DONE_FILE, ""),
+        env_var(env.IMPORTER_BACKING_FILE, annotations.get(ann.IMPORT_BACKING_FILE, "")),
+        env_var(env.IMPORTER_THUMBPRINT, annotations.get(ann.IMPORT_VDDK_THUMBPRINT, "")),
+        env_var(env.HTTP_PROXY, http_proxy),
+        env_var(env.HTTPS_PROXY, https_proxy),
+        env_var(env.NO_PROXY, no_proxy),
+        env_var(env.IMPORTER_CURRENT_CHECKPOINT, annotations.get(ann.CHECKPOINT_CURRENT, "")),
+        env_var(env.IMPORTER_PREVIOUS_CHECKPOINT, annotations.get(ann.CHECKPOINT_PREVIOUS, "")),
+        env_var(env.IMPORTER_FINAL_CHECKPOINT, annotations.get(ann.CHECKPOINT_FINAL, "")),
+        env_var(env.PREALLOCATION, str(preallocation).lower()),
+        env_var(env.CACHE_MODE, cache_mode),
+        env_var(env.IMPORTER_CHECKSUM, annotations.get(ann.IMPORT_CHECKSUM, "")),
     ]
     if secret_name:
         container_env += [
@@ -236,11 +262,11 @@ def importer_pod(
             _secret_env(env.IMPORTER_SECRET_KEY, secret_name, env.SECRET_KEY_SECRET_KEY),
         ]
     if cert_config_map:
-        container_env.append(_env(env.IMPORTER_CERT_DIR, env.DEFAULT_CERT_DIR))
+        container_env.append(env_var(env.IMPORTER_CERT_DIR, env.DEFAULT_CERT_DIR))
     if proxy_ca:
-        container_env.append(_env(env.IMPORTER_PROXY_CERT_DIR, env.DEFAULT_PROXY_CERT_DIR))
+        container_env.append(env_var(env.IMPORTER_PROXY_CERT_DIR, env.DEFAULT_PROXY_CERT_DIR))
     for i, header in enumerate(extra_headers):
-        container_env.append(_env(f"{env.IMPORTER_EXTRA_HEADER_PREFIX}{i}", header))
+        container_env.append(env_var(f"{env.IMPORTER_EXTRA_HEADER_PREFIX}{i}", header))
 
     volumes: list[Obj] = [{"name": DATA_VOLUME, "persistentVolumeClaim": {"claimName": pvc_name}}]
     mounts: list[Obj] = []
@@ -282,17 +308,9 @@ def importer_pod(
         mounts.append({"name": volume_name, "mountPath": f"{env.DEFAULT_EXTRA_HEADERS_DIR}/{i}"})
     if mounts:
         container["volumeMounts"] = mounts
-    if resources := _pod_resources(cdi_config_status):
+    if resources := pod_resources(cdi_config_status):
         container["resources"] = resources
-    security: Obj = {
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-        "allowPrivilegeEscalation": False,
-    }
-    if not local:
-        security["runAsNonRoot"] = True
-        security["runAsUser"] = env.QEMU_UID
-    container["securityContext"] = security
+    container["securityContext"] = worker_security_context(local=local)
 
     pod_spec: Obj = {
         "containers": [container],
@@ -305,12 +323,7 @@ def importer_pod(
     if mounts:
         # The qemu group owns what the worker writes, so the VM launcher (also qemu) can use it.
         pod_spec["securityContext"] = {"fsGroup": env.QEMU_UID}
-    if priority := annotations.get(ann.POD_PRIORITY_CLASS_NAME):
-        pod_spec["priorityClassName"] = priority
-    if account := annotations.get(ann.POD_SERVICE_ACCOUNT_NAME):
-        pod_spec["serviceAccountName"] = account
-    if pull_secrets := cdi_config_status.get("imagePullSecrets"):
-        pod_spec["imagePullSecrets"] = [dict(s) for s in pull_secrets]
+    apply_pod_options(pod_spec, annotations, cdi_config_status)
 
     labels = {
         ann.LABEL_APP: ann.LABEL_APP_VALUE,

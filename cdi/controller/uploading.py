@@ -60,10 +60,9 @@ from cdi.controller.certs import (
 )
 from cdi.controller.events import WARNING, record_event
 from cdi.controller.importing import (
-    _failed_terminated,
-    _first_line,
-    fatal_reason,
+    first_line,
     running_annotations,
+    worker_failure,
 )
 from cdi.controller.rendering import RenderError, render_scratch_pvc
 from cdi.controller.runtime import Request, Result
@@ -159,7 +158,7 @@ def _termination(pod: Mapping[str, Any]) -> TerminationMessage:
     try:
         return TerminationMessage.from_json(text)
     except TerminationMessageError:
-        return TerminationMessage(message=_first_line(text))
+        return TerminationMessage(message=first_line(text))
 
 
 class UploadReconciler:
@@ -458,12 +457,9 @@ class UploadReconciler:
             await self._cleanup(Request(ns, name), pod_name)
             return Result()
 
-        failed = _failed_terminated(pod)
+        failed = worker_failure(pod)
         if failed is not None:
-            full = str(failed.get("message") or "").strip()
-            text = _first_line(full)
-            detail = full.splitlines()[0] if full else ""
-            reason = fatal_reason(detail)
+            text, detail, reason = failed.text, failed.detail, failed.reason
             if reason is not None:
                 log.warning(
                     "%s/%s upload failed for good pod=%s message=%s", ns, name, pod_name, detail

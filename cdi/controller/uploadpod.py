@@ -48,8 +48,10 @@ from cdi.controller.podspecs import (
     DATA_VOLUME,
     POD_ANNOTATION_ALLOW_LIST,
     SCRATCH_VOLUME,
-    _env,
-    _pod_resources,
+    apply_pod_options,
+    env_var,
+    pod_resources,
+    worker_security_context,
 )
 from cdi.controller.rendering import RenderError
 
@@ -142,14 +144,14 @@ def upload_pod(
     service = naming.service_name(name)
 
     container_env = [
-        _env(env.TLS_KEY_FILE, TLS_KEY_PATH),
-        _env(env.TLS_CERT_FILE, TLS_CERT_PATH),
-        _env(env.CLIENT_CERT_FILE, CLIENT_CA_PATH),
-        _env(env.FILESYSTEM_OVERHEAD, pvc_overhead(pvc, cdi_config_status)),
-        _env(env.UPLOAD_IMAGE_SIZE, str(image_size)),
-        _env(env.CLIENT_NAME, client_name),
-        _env(env.PREALLOCATION, str(preallocation).lower()),
-        _env(env.DEADLINE, format_deadline(deadline)),
+        env_var(env.TLS_KEY_FILE, TLS_KEY_PATH),
+        env_var(env.TLS_CERT_FILE, TLS_CERT_PATH),
+        env_var(env.CLIENT_CERT_FILE, CLIENT_CA_PATH),
+        env_var(env.FILESYSTEM_OVERHEAD, pvc_overhead(pvc, cdi_config_status)),
+        env_var(env.UPLOAD_IMAGE_SIZE, str(image_size)),
+        env_var(env.CLIENT_NAME, client_name),
+        env_var(env.PREALLOCATION, str(preallocation).lower()),
+        env_var(env.DEADLINE, format_deadline(deadline)),
     ]
     volumes: list[Obj] = [
         {"name": DATA_VOLUME, "persistentVolumeClaim": {"claimName": pvc_name}},
@@ -177,7 +179,7 @@ def upload_pod(
         container["imagePullPolicy"] = image_pull_policy
     if block:
         container["volumeDevices"] = [{"name": DATA_VOLUME, "devicePath": env.DEFAULT_BLOCK_DEVICE}]
-        container_env.append(_env(env.DESTINATION, env.DEFAULT_BLOCK_DEVICE))
+        container_env.append(env_var(env.DESTINATION, env.DEFAULT_BLOCK_DEVICE))
     else:
         mounts.insert(0, {"name": DATA_VOLUME, "mountPath": env.DEFAULT_DATA_DIR})
     if local:
@@ -196,17 +198,9 @@ def upload_pod(
         )
         mounts.append({"name": SCRATCH_VOLUME, "mountPath": env.DEFAULT_SCRATCH_DIR})
     container["volumeMounts"] = mounts
-    if resources := _pod_resources(cdi_config_status):
+    if resources := pod_resources(cdi_config_status):
         container["resources"] = resources
-    security: Obj = {
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-        "allowPrivilegeEscalation": False,
-    }
-    if not local:
-        security["runAsNonRoot"] = True
-        security["runAsUser"] = env.QEMU_UID
-    container["securityContext"] = security
+    container["securityContext"] = worker_security_context(local=local)
 
     pod_spec: Obj = {
         "containers": [container],
@@ -216,12 +210,7 @@ def upload_pod(
         # The qemu group owns what the server writes, so the VM launcher (also qemu) can use it.
         "securityContext": {"fsGroup": env.QEMU_UID},
     }
-    if priority := annotations.get(ann.POD_PRIORITY_CLASS_NAME):
-        pod_spec["priorityClassName"] = priority
-    if account := annotations.get(ann.POD_SERVICE_ACCOUNT_NAME):
-        pod_spec["serviceAccountName"] = account
-    if pull_secrets := cdi_config_status.get("imagePullSecrets"):
-        pod_spec["imagePullSecrets"] = [dict(s) for s in pull_secrets]
+    apply_pod_options(pod_spec, annotations, cdi_config_status)
 
     labels = _labels(ann.LABEL_COMPONENT_UPLOAD_SERVER)
     labels[ann.LABEL_SERVICE] = service
