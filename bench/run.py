@@ -2,8 +2,11 @@
 
 A benchmark module is a `bench/*_bench.py` file with a `main(argv) -> int` that takes
 `--quick`, `--keep` and `--repeat N`, prints its own tables (ours next to the baselines it names,
-measured in the same run) and writes JSON to bench/out/. For now that is `import_bench.py`:
-`cdi-importer` against nbdkit-curl + qemu-img and against local conversion.
+measured in the same run) and writes JSON to bench/out/. They are found by that name pattern:
+`api_bench.py`, `clone_bench.py` (bench/clone.py: host-assisted and snapshot clones against
+`cp --sparse=always` and `qemu-img convert`), `controller_bench.py`, `import_bench.py`
+(`cdi-importer` against nbdkit-curl + qemu-img and against local conversion) and
+`upload_bench.py` (bench/upload.py).
 
 Usage: `.venv/bin/python bench/run.py [--quick] [--keep] [--repeat N] [--only MODULE,...]`.
 Exit status 0 unless a benchmark errored: a missed target is reported, it does not fail the run.

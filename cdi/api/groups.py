@@ -112,6 +112,14 @@ VOLUME_SNAPSHOT_CLASS = Resource(
     False,
     ("vsclass", "vsclasses"),
 )
+VOLUME_SNAPSHOT_CONTENT = Resource(
+    SNAPSHOT_GROUP,
+    SNAPSHOT_VERSION,
+    "VolumeSnapshotContent",
+    "volumesnapshotcontents",
+    False,
+    ("vsc", "vscs"),
+)
 
 NAMESPACE = Resource(CORE_GROUP, CORE_VERSION, "Namespace", "namespaces", False, ("ns",))
 PERSISTENT_VOLUME_CLAIM = Resource(

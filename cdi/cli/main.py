@@ -10,7 +10,7 @@ import logging
 import sys
 
 from cdi import __version__
-from cdi.cli import controller, datavolumes, image, imageupload, server
+from cdi.cli import clone, controller, datavolumes, image, imageupload, server
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     datavolumes.register(sub)
     controller.register(sub)
     imageupload.register(sub)
+    clone.register(sub)
     return parser
 
 

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from cdi.agent import ContainerRequired, LogNotFound, read_log, run_agent
 from cdi.api.tokens import UPLOAD_TOKEN_LIFETIME_SECONDS
+from cdi.apiserver.cloneauth import CloneAdmission
 from cdi.apiserver.signing import SigningKeyError, ensure_signing_key
 from cdi.controller.importing import CDI_NAMESPACE
 from cdi.controller.manager import run_controllers
@@ -295,6 +296,8 @@ async def serve(
             authenticator=Authenticator.from_files(token, settings.token_file),
             anonymous_admin=settings.insecure_http,
             log_reader=pod_logs,
+            # CDI's datavolume webhooks: cross-namespace clone authorization, clone tokens.
+            admission_hooks=[CloneAdmission(signing_key)],
             signing_key=signing_key,
             upload_token_lifetime=settings.upload_token_lifetime,
         )

@@ -96,11 +96,13 @@ class KeyPair:
 
 @dataclass(frozen=True, slots=True)
 class UploadPKI:
-    """What the upload reconciler needs for one pod: the server signer (to issue the pod's
-    certificate) and the client CA certificate (the pod's `ca.crt`)."""
+    """What the upload and clone reconcilers need for one pod: the server signer (to issue the
+    pod's certificate), the client CA certificate (the pod's `ca.crt`) and the client signer."""
 
     server_signer: KeyPair
     client_ca: bytes
+    client_signer: KeyPair | None = None
+    """The client signer itself: clone source pods get client certificates from it."""
 
 
 # --- pure helpers --------------------------------------------------------------------------------
@@ -455,4 +457,6 @@ async def ensure_upload_pki(client: Client, namespace: str = CDI_NAMESPACE) -> U
         ),
         make=lambda: issue_client_cert(client_signer, UPLOAD_CLIENT_NAME),
     )
-    return UploadPKI(server_signer=server_signer, client_ca=client_signer.cert)
+    return UploadPKI(
+        server_signer=server_signer, client_ca=client_signer.cert, client_signer=client_signer
+    )

@@ -83,7 +83,6 @@ KNOWN_CLAIM_PROPERTY_SETS: Final[Mapping[str, tuple[Obj, ...]]] = {
 #: Advised clone strategies (CDI's table, same subset rule). Our local volumes are copied by the
 #: host-assisted path, so "copy".
 KNOWN_CLONE_STRATEGIES: Final[Mapping[str, CloneStrategy]] = {
-    LOCAL_PROVISIONER: CloneStrategy.COPY,
     "rbd.csi.ceph.com": CloneStrategy.CSI_CLONE,
     "rook-ceph.rbd.csi.ceph.com": CloneStrategy.CSI_CLONE,
     "cephfs.csi.ceph.com": CloneStrategy.CSI_CLONE,

@@ -45,6 +45,13 @@ from cdi.api.phases import (
     PodPhase,
     PVCPhase,
 )
+from cdi.controller.cloneplan import (
+    CLONE_SOURCE_ANNOTATION,
+    Waiting,
+    clone_source,
+    finish_smart_clone,
+    plan_clone,
+)
 from cdi.controller.events import WARNING, record_event
 from cdi.controller.podspecs import owner_uid_for
 from cdi.controller.rendering import RenderError, render_pvc
@@ -56,6 +63,8 @@ log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 
+IMPORT_PROGRESS_METRIC: Final = "kubevirt_cdi_import_progress_total"
+CLONE_PROGRESS_METRIC: Final = "kubevirt_cdi_clone_progress_total"
 PROGRESS_POLL: Final = 2.0
 """Seconds between progress polls while the importer runs (CDI's requeue)."""
 METRICS_TIMEOUT: Final = 2.0
@@ -90,16 +99,39 @@ _UPLOAD_PHASE_EVENTS: Final[Mapping[str, tuple[str, str]]] = {
 }
 
 
-def progress_regex(owner_uid: str) -> re.Pattern[str]:
+#: Smart clone phases while the target is Pending, by strategy.
+_SMART_PHASES: Final[Mapping[str, DataVolumePhase]] = {
+    "snapshot": DataVolumePhase.SMART_CLONE_PVC_IN_PROGRESS,
+    "csi-clone": DataVolumePhase.CSI_CLONE_IN_PROGRESS,
+}
+_CLONE_PHASE_EVENTS: Final[Mapping[str, tuple[str, str]]] = {
+    **_PHASE_EVENTS,
+    DataVolumePhase.CLONE_SCHEDULED: ("CloneScheduled", "Cloning from {source} into {} scheduled"),
+    DataVolumePhase.CLONE_IN_PROGRESS: (
+        "CloneInProgress",
+        "Cloning from {source} into {} in progress",
+    ),
+    DataVolumePhase.SMART_CLONE_PVC_IN_PROGRESS: (
+        "SmartClonePVCInProgress",
+        "Creating PVC {} from a snapshot of {source}",
+    ),
+    DataVolumePhase.CSI_CLONE_IN_PROGRESS: ("CSICloneInProgress", "CSI clone of {source} into {}"),
+    DataVolumePhase.SUCCEEDED: ("CloneSucceeded", "Successfully cloned from {source} into {}"),
+    DataVolumePhase.FAILED: ("CloneFailed", "Cloning from {source} into {} failed"),
+}
+
+
+def progress_regex(owner_uid: str, metric: str = IMPORT_PROGRESS_METRIC) -> re.Pattern[str]:
     return re.compile(
-        r"kubevirt_cdi_import_progress_total\{ownerUID=\""
-        + re.escape(owner_uid)
-        + r"\"\} ([0-9.eE+-]+)"
+        re.escape(metric) + r"\{ownerUID=\"" + re.escape(owner_uid) + r"\"\} ([0-9.eE+-]+)"
     )
 
 
-async def read_progress(pod_ip: str, owner_uid: str) -> str | None:
-    """ "NN.NN%" from an importer's metrics endpoint, None when it cannot be read (yet)."""
+async def read_progress(
+    pod_ip: str, owner_uid: str, *, metric: str = IMPORT_PROGRESS_METRIC
+) -> str | None:
+    """ "NN.NN%" from a worker's metrics endpoint (the importer's, or with `metric` the
+    cloner's), None when it cannot be read (yet)."""
     url = f"https://{pod_ip}:{METRICS_PORT}/metrics"
     try:
         async with (
@@ -109,7 +141,7 @@ async def read_progress(pod_ip: str, owner_uid: str) -> str | None:
             text = await resp.text()
     except (aiohttp.ClientError, TimeoutError, OSError):
         return None
-    match = progress_regex(owner_uid).search(text)
+    match = progress_regex(owner_uid, metric).search(text)
     if match is None:
         return None
     try:
@@ -141,6 +173,18 @@ def upload_phase(annotations: Mapping[str, str]) -> DataVolumePhase:
     if pod_phase == PodPhase.RUNNING and annotations.get(ann.POD_READY) == "true":
         return DataVolumePhase.UPLOAD_READY
     return DataVolumePhase.UPLOAD_SCHEDULED
+
+
+def clone_phase(annotations: Mapping[str, str]) -> DataVolumePhase:
+    """A host-assisted clone whose target is Bound: CloneScheduled until the source pod runs,
+    CloneInProgress while it does, Succeeded when the target's upload server succeeded."""
+    if annotations.get(ann.FATAL_ERROR) == "true":
+        return DataVolumePhase.FAILED
+    if annotations.get(ann.POD_PHASE) == PodPhase.SUCCEEDED:
+        return DataVolumePhase.SUCCEEDED
+    if annotations.get(ann.CONDITION_SOURCE_RUNNING) == "true":
+        return DataVolumePhase.CLONE_IN_PROGRESS
+    return DataVolumePhase.CLONE_SCHEDULED
 
 
 def _condition(type_: str, status: str, reason: str, message: str) -> Obj:
@@ -176,13 +220,15 @@ class DataVolumeReconciler:
             created = await self._create_pvc(dv)
             if created is None:
                 return Result(requeue_after=CONFIG_POLL)
+            if isinstance(created, Result):
+                return created
             pvc = created
         elif not _is_owned_by(pvc, dv) and not await self._adopt(dv, pvc):
             return Result(requeue_after=WAIT_POLL)
         return await self._update_status(dv, pvc)
 
     # --- the PVC ----------------------------------------------------------------------------
-    async def _create_pvc(self, dv: Obj) -> Obj | None:
+    async def _create_pvc(self, dv: Obj) -> Obj | Result | None:
         ns, name = dv["metadata"]["namespace"], dv["metadata"]["name"]
         try:
             config = await self.client.get(CDI_CONFIG, CDI_CONFIG_NAME)
@@ -220,6 +266,25 @@ class DataVolumeReconciler:
                 event=(err.reason, str(err)),
             )
             return None
+        if clone_source(dv) is not None:
+            plan = await plan_clone(
+                self.client,
+                dv,
+                manifest,
+                classes=classes,
+                profiles=profiles,
+                config_status=dict(config["status"]),
+            )
+            if isinstance(plan, Waiting):
+                return await self._clone_waiting(dv, plan)
+            for reason, message in plan.events:
+                await record_event(
+                    self.client,
+                    {**dv, "apiVersion": DATA_VOLUME.api_version, "kind": DATA_VOLUME.kind},
+                    reason,
+                    message,
+                )
+            manifest = plan.manifest
         try:
             pvc = await self.client.create(PERSISTENT_VOLUME_CLAIM, manifest, ns)
             log.info("%s/%s PVC created", ns, name)
@@ -228,6 +293,29 @@ class DataVolumeReconciler:
             if not _is_owned_by(pvc, dv):
                 return pvc if await self._adopt(dv, pvc) else None
         return pvc
+
+    async def _clone_waiting(self, dv: Obj, plan: Waiting) -> Result:
+        """A clone that cannot create its PVC yet (or ever: Failed): say why, once."""
+        old: Mapping[str, Any] = dv.get("status") or {}
+        bound = next(
+            (c for c in old.get("conditions") or [] if c.get("type") == ConditionType.BOUND), {}
+        )
+        fresh = bound.get("message") != plan.message or old.get("phase") != plan.phase
+        ready_reason = plan.reason if plan.phase == DataVolumePhase.FAILED else ""
+        await self._set_status(
+            dv,
+            phase=plan.phase,
+            progress=PROGRESS_NONE,
+            restarts=0,
+            conditions=[
+                _condition(ConditionType.BOUND, ConditionStatus.FALSE, plan.reason, plan.message),
+                _condition(ConditionType.READY, ConditionStatus.FALSE, ready_reason, plan.message),
+                _condition(ConditionType.RUNNING, ConditionStatus.FALSE, "", ""),
+            ],
+            claim=None,
+            event=(plan.reason, plan.message) if fresh else None,
+        )
+        return Result(requeue_after=plan.requeue)
 
     async def _adopt(self, dv: Obj, pvc: Obj) -> bool:
         ns, name = dv["metadata"]["namespace"], dv["metadata"]["name"]
@@ -302,8 +390,19 @@ class DataVolumeReconciler:
         requeue: float | None = None
         old_phase = str(old.get("phase") or "")
         upload = ann.UPLOAD_TARGET in annotations
+        host_clone = ann.CLONE_REQUEST in annotations and not upload
+        smart_clone = ann.CLONE_TYPE in annotations and not host_clone and not upload
+        clone = host_clone or smart_clone
 
-        if pvc_phase == PVCPhase.PENDING:
+        if pvc_phase == PVCPhase.PENDING and smart_clone:
+            phase = _SMART_PHASES.get(
+                annotations.get(ann.CLONE_TYPE, ""), DataVolumePhase.SMART_CLONE_PVC_IN_PROGRESS
+            )
+            requeue = WAIT_POLL
+            bound = _condition(
+                ConditionType.BOUND, ConditionStatus.FALSE, "Pending", f"PVC {name} Pending"
+            )
+        elif pvc_phase == PVCPhase.PENDING:
             waiting = await self._wffc(pvc)
             phase = DataVolumePhase.WAIT_FOR_FIRST_CONSUMER if waiting else DataVolumePhase.PENDING
             if waiting:
@@ -319,6 +418,16 @@ class DataVolumeReconciler:
                 phase = upload_phase(annotations)
                 if phase == DataVolumePhase.SUCCEEDED:
                     progress = PROGRESS_DONE
+            elif smart_clone:
+                phase = DataVolumePhase.SUCCEEDED
+                progress = PROGRESS_DONE
+                await finish_smart_clone(self.client, dv)
+            elif host_clone:
+                phase = clone_phase(annotations)
+                if phase == DataVolumePhase.SUCCEEDED:
+                    progress = PROGRESS_DONE
+                elif phase == DataVolumePhase.CLONE_IN_PROGRESS:
+                    requeue = PROGRESS_POLL
             elif annotations.get(ann.FATAL_ERROR) == "true":
                 phase = DataVolumePhase.FAILED
             elif pod_phase == PodPhase.SUCCEEDED:
@@ -374,7 +483,27 @@ class DataVolumeReconciler:
         else:
             ready = _condition(ConditionType.READY, ConditionStatus.FALSE, "", "")
 
-        fresh = await self._progress(pvc) if phase == DataVolumePhase.IMPORT_IN_PROGRESS else None
+        if (
+            host_clone
+            and ann.CONDITION_SOURCE_RUNNING in annotations
+            and phase != DataVolumePhase.FAILED
+        ):
+            # What runs (or waits, or lost its source) is the source pod; the upload server on
+            # the target only listens. A fatal failure is the server's, shown as it reported.
+            running = _condition(
+                ConditionType.RUNNING,
+                ConditionStatus.TRUE
+                if annotations.get(ann.CONDITION_SOURCE_RUNNING) == "true"
+                else ConditionStatus.FALSE,
+                annotations.get(ann.CONDITION_SOURCE_RUNNING_REASON, running["reason"]),
+                annotations.get(ann.CONDITION_SOURCE_RUNNING_MESSAGE, running["message"]),
+            )
+        if phase == DataVolumePhase.IMPORT_IN_PROGRESS:
+            fresh = await self._progress(pvc)
+        elif phase == DataVolumePhase.CLONE_IN_PROGRESS:
+            fresh = await self._clone_progress(pvc)
+        else:
+            fresh = None
         if fresh is not None:
             progress = fresh
         try:
@@ -382,10 +511,13 @@ class DataVolumeReconciler:
         except ValueError:
             restarts = 0
         event: tuple[str, str] | None = None
-        phase_events = _UPLOAD_PHASE_EVENTS if upload else _PHASE_EVENTS
+        phase_events = (
+            _UPLOAD_PHASE_EVENTS if upload else _CLONE_PHASE_EVENTS if clone else _PHASE_EVENTS
+        )
         if phase != old_phase and phase in phase_events:
             reason, pattern = phase_events[phase]
-            message = pattern.format(name)
+            source = annotations.get(CLONE_SOURCE_ANNOTATION, "")
+            message = pattern.format(name, source=source)
             if phase == DataVolumePhase.FAILED:
                 message = annotations.get(ann.CONDITION_RUNNING_MESSAGE) or message
             event = (reason, message)
@@ -468,6 +600,21 @@ class DataVolumeReconciler:
         if not ip:
             return None
         return await read_progress(str(ip), owner_uid_for(pvc))
+
+    async def _clone_progress(self, pvc: Mapping[str, Any]) -> str | None:
+        annotations = pvc["metadata"].get("annotations") or {}
+        pod_name = annotations.get(ann.SOURCE_CLONE_POD_NAME)
+        source = annotations.get(ann.CLONE_REQUEST, "")
+        if not pod_name or "/" not in source:
+            return None
+        try:
+            pod = await self.client.get(POD, pod_name, source.partition("/")[0])
+        except NotFound:
+            return None
+        ip = (pod.get("status") or {}).get("podIP")
+        if not ip:
+            return None
+        return await read_progress(str(ip), owner_uid_for(pvc), metric=CLONE_PROGRESS_METRIC)
 
     async def _set_status(
         self,

@@ -27,6 +27,8 @@ from cdi.api.groups import (
     STORAGE_CLASS,
     STORAGE_PROFILE,
 )
+from cdi.controller.cloneplan import snapshot_class_for
+from cdi.controller.cloning import CloneReconciler, target_of_pod
 from cdi.controller.config import cdiconfig_status, storage_profile_status
 from cdi.controller.datavolume import DataVolumeReconciler
 from cdi.controller.importing import ImportReconciler
@@ -85,7 +87,12 @@ async def sync_config(client: Client, *, upload_proxy_url: str | None = None) ->
                 log.info("%s StorageProfile created", name)
             except AlreadyExists:
                 profile = await client.get(STORAGE_PROFILE, name)
-        wanted = storage_profile_status(sc, profile.get("spec"))
+        driver = str(sc.get("provisioner") or "")
+        wanted = storage_profile_status(
+            sc,
+            profile.get("spec"),
+            snapshot_class=await snapshot_class_for(client, driver, profile),
+        )
         if profile.get("status") != wanted:
             profile["status"] = wanted
             await client.replace_status(STORAGE_PROFILE, profile)
@@ -156,6 +163,14 @@ async def run_controllers(
         workers=WORKERS,
     )
     uploads.watch_owned(POD, owner_kind=PERSISTENT_VOLUME_CLAIM.kind)
+    clones = Controller(
+        client,
+        name="clone",
+        primary=PERSISTENT_VOLUME_CLAIM,
+        reconcile=CloneReconciler(client, local=local),
+        workers=WORKERS,
+    )
+    clones.watch_mapped(POD, target_of_pod)
     config = Controller(
         client,
         name="config",
@@ -170,6 +185,7 @@ async def run_controllers(
         datavolumes.run(stop),
         imports.run(stop),
         uploads.run(stop),
+        clones.run(stop),
         config.run(stop),
         _config_loop(client, stop, upload_proxy_url=upload_proxy_url),
     )

@@ -17,7 +17,10 @@ Owns, per target PVC (the primary key; pods it owns are watched), once the PVC i
   to "" and `storage.pod.ready` to "false", and a new pod with a fresh certificate is made;
 * success: event `UploadSucceeded` "Upload Successful" on the PVC, then the pod, Service, Secret
   and scratch PVC are deleted;
-* refusals: a PVC that is also a clone target (`k8s.io/CloneRequest`) gets an error in the
+* clone targets (`k8s.io/CloneRequest` without `storage.upload.target`, host-assisted copies)
+  get the same server, without scratch, accepting the client certificate CN of their
+  `uploadClientName` annotation (the clone's source pod, `cdi.controller.cloning`);
+* refusals: a PVC with both the upload and the clone annotation gets an error in the
   Running condition and no pod; a PVC another running pod mounts gets event `UploadTargetInUse`
   and waits; a pod that failed for good (the importer's fatal messages) sets
   `storage.import.fatalError`, so the DataVolume ends Failed, as imports do.
@@ -50,6 +53,7 @@ from cdi.api.groups import (
 )
 from cdi.api.phases import ConditionReason, PodPhase, PVCPhase
 from cdi.api.termination import TerminationMessage, TerminationMessageError
+from cdi.api.tokens import UPLOAD_CLIENT_NAME
 from cdi.controller import naming
 from cdi.controller.certs import (
     CDI_NAMESPACE,
@@ -93,6 +97,8 @@ WAIT_POLL: Final = 2.0
 
 REASON_SUCCEEDED: Final = "UploadSucceeded"
 MESSAGE_SUCCEEDED: Final = "Upload Successful"
+REASON_CLONE_SUCCEEDED: Final = "CloneSucceeded"
+MESSAGE_CLONED: Final = "Clone Successful"
 REASON_TARGET_IN_USE: Final = "UploadTargetInUse"
 REASON_FAILED: Final = "UploadFailed"
 MESSAGE_CLONE_AND_UPLOAD: Final = "PVC has both clone and upload annotations"
@@ -124,8 +130,15 @@ class UploadSettings:
 
 
 def is_upload_pvc(pvc: Mapping[str, Any]) -> bool:
+    """An upload target, or a host-assisted clone target (whose upload server the source pod
+    of `cdi.controller.cloning` streams to)."""
     annotations = (pvc.get("metadata") or {}).get("annotations") or {}
-    return ann.UPLOAD_TARGET in annotations
+    return ann.UPLOAD_TARGET in annotations or ann.CLONE_REQUEST in annotations
+
+
+def is_clone_pvc(pvc: Mapping[str, Any]) -> bool:
+    annotations = (pvc.get("metadata") or {}).get("annotations") or {}
+    return ann.CLONE_REQUEST in annotations and ann.UPLOAD_TARGET not in annotations
 
 
 def pod_ready(pod: Mapping[str, Any]) -> bool:
@@ -192,7 +205,7 @@ class UploadReconciler:
         if meta.get("deletionTimestamp"):
             await self._cleanup(request, pod_name)
             return Result()
-        if ann.CLONE_REQUEST in annotations:
+        if ann.CLONE_REQUEST in annotations and ann.UPLOAD_TARGET in annotations:
             log.warning("%s %s", request, MESSAGE_CLONE_AND_UPLOAD)
             await self._annotate(
                 pvc,
@@ -241,8 +254,8 @@ class UploadReconciler:
     def _scratch_name(self, pvc: Mapping[str, Any]) -> str | None:
         """The scratch claim of a disk-image upload; archives need none."""
         annotations = pvc["metadata"].get("annotations") or {}
-        if annotations.get(ann.CONTENT_TYPE) == ContentType.ARCHIVE:
-            return None
+        if annotations.get(ann.CONTENT_TYPE) == ContentType.ARCHIVE or is_clone_pvc(pvc):
+            return None  # archives are unpacked in place; clones arrive as raw extents
         return naming.scratch_pvc_name(str(pvc["metadata"]["name"]))
 
     async def _config_status(self) -> Obj:
@@ -308,6 +321,7 @@ class UploadReconciler:
                 cdi_config_status=status,
                 deadline=datetime.datetime.now(datetime.UTC) + self.settings.deadline,
                 scratch_pvc=scratch,
+                client_name=_client_name(pvc),
                 local=self.local,
                 image_pull_policy=self.settings.image_pull_policy,
             )
@@ -453,7 +467,10 @@ class UploadReconciler:
                 wanted[ann.PREALLOCATION_APPLIED] = str(message.preallocation_applied).lower()
             await self._annotate(pvc, wanted)
             log.info("%s/%s upload succeeded pod=%s", ns, name, pod_name)
-            await record_event(self.client, pvc, REASON_SUCCEEDED, MESSAGE_SUCCEEDED)
+            if is_clone_pvc(pvc):
+                await record_event(self.client, pvc, REASON_CLONE_SUCCEEDED, MESSAGE_CLONED)
+            else:
+                await record_event(self.client, pvc, REASON_SUCCEEDED, MESSAGE_SUCCEEDED)
             await self._cleanup(Request(ns, name), pod_name)
             return Result()
 
@@ -528,6 +545,14 @@ class UploadReconciler:
                 continue
             if not existing["metadata"].get("deletionTimestamp"):
                 await self._delete(resource, name, ns)
+
+
+def _client_name(pvc: Mapping[str, Any]) -> str:
+    """The client certificate CN the server accepts: the proxy's, or a clone's source pod's."""
+    annotations = (pvc.get("metadata") or {}).get("annotations") or {}
+    if is_clone_pvc(pvc) and annotations.get(ann.UPLOAD_CLIENT_NAME):
+        return str(annotations[ann.UPLOAD_CLIENT_NAME])
+    return UPLOAD_CLIENT_NAME
 
 
 def pod_phase(pod: Mapping[str, Any]) -> str:

@@ -4,7 +4,10 @@ Routes discovery (/api, /apis, per group/version), resources (/api/v1/..., /apis
 namespaced and cluster-scoped, with subresources status and log), list/watch, create, update,
 patch (merge, JSON, strategic for built-in kinds), delete with finalizers and propagation, Table
 output for `kubectl get`, authentication and RBAC, and SubjectAccessReviews. Errors leave as
-`Status` objects. Admission specific to CDI hooks in through `admission` callbacks.
+`Status` objects. Admission specific to CDI hooks in through `admission_hooks`: each is called
+with an `AdmissionRequest` (the object, the old one, the operation and the requesting user, as a
+webhook's AdmissionReview carries them) and answers allowed, with the object to store, or
+refused, with the Status kube-apiserver would send for a webhook that said no.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Literal, TypeVar, cast
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import yaml
 from aiohttp import web
@@ -45,6 +49,7 @@ from cdi.kubeapi.errors import (
     MethodNotAllowed,
     NotFound,
     StatusCause,
+    StatusDetails,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -87,6 +92,76 @@ REVIEW_KEYS = frozenset(
     {"subjectaccessreviews.authorization.k8s.io", "selfsubjectaccessreviews.authorization.k8s.io"}
 )
 PUBLIC_PATHS = ("/healthz", "/livez", "/readyz", "/version")
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    """One write as an admission hook sees it: what kube-apiserver puts in an AdmissionReview,
+    plus the server's own means for what a webhook would ask the API (its authorizer, as
+    SubjectAccessReviews; reads of stored objects)."""
+
+    resource: ResourceType
+    operation: Literal["CREATE", "UPDATE"]
+    subresource: str  # "status" for status writes, "" for the object itself
+    namespace: str
+    name: str  # "" when the server is to generate it (metadata.generateName), as for webhooks
+    obj: Obj  # the object to store; a hook may change it (or answer another, `patched`)
+    old: Obj | None  # the stored object, on UPDATE; read-only
+    user: UserInfo
+    dry_run: bool
+    review: Callable[[Mapping[str, Any]], Obj]
+    """A SubjectAccessReview `spec` in, its `status` out, answered by this server's RBAC."""
+    get: Callable[[str, str, str], Obj | None]
+    """The stored object (resource key, namespace, name), None if there is none. On PATCH this
+    runs inside the write: it sees the last committed state."""
+
+
+class AdmissionResponse(Protocol):
+    """A hook's answer, shaped as a webhook's AdmissionResponse: allowed (with the object to
+    store, `patched`, or None to keep it as it was) or refused (with `code`, `reason`,
+    `message` and `causes` for the Status, and the `webhook` name kube-apiserver quotes)."""
+
+    @property
+    def allowed(self) -> bool: ...
+    @property
+    def patched(self) -> Obj | None: ...
+    @property
+    def webhook(self) -> str: ...
+    @property
+    def code(self) -> int: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def causes(self) -> Sequence[StatusCause]: ...
+
+
+AdmissionHook = Callable[[AdmissionRequest], AdmissionResponse]
+LegacyAdmissionHook = Callable[[ResourceType, str, Obj, Obj | None], Obj]
+
+
+# Status reasons for the codes webhooks answer with, when they name none.
+_REASONS: dict[int, str] = {
+    400: "BadRequest",
+    403: "Forbidden",
+    404: "NotFound",
+    409: "Conflict",
+    422: "Invalid",
+}
+
+
+def _denied(answer: AdmissionResponse) -> ApiError:
+    """The error kube-apiserver returns for a webhook that refused (webhookerrors.ToStatusErr):
+    the webhook's code (403 when it gave none, or one below 400), and its message after who
+    denied it."""
+    denied_by = f'admission webhook "{answer.webhook}" denied the request'
+    why = answer.message or answer.reason
+    message = f"{denied_by}: {why}" if why else f"{denied_by} without explanation"
+    code = answer.code if answer.code >= 400 else 403
+    reason = answer.reason or _REASONS.get(code, "")
+    details: StatusDetails | None = {"causes": list(answer.causes)} if answer.causes else None
+    return ApiError(code, reason, message, details)
 
 
 def _dry_run(request: web.Request) -> bool:
@@ -179,7 +254,8 @@ class ApiServer:
         *,
         authenticator: Authenticator,
         log_reader: LogReader | None = None,
-        admission: list[Callable[[ResourceType, str, Obj, Obj | None], Obj]] | None = None,
+        admission: list[LegacyAdmissionHook] | None = None,
+        admission_hooks: Sequence[AdmissionHook] = (),
         anonymous_admin: bool = False,
         signing_key: bytes | None = None,
         upload_token_lifetime: int = UPLOAD_TOKEN_LIFETIME_SECONDS,
@@ -193,7 +269,10 @@ class ApiServer:
         self.authenticator = authenticator
         self.authorizer = Authorizer(self._list_for_rbac)
         self.log_reader = log_reader
+        # `admission`: the first form, (type, method, object, old object) -> object, kept for
+        # its callers; `admission_hooks` also see the user and may refuse (AdmissionRequest).
         self.admission = admission or []
+        self.admission_hooks = tuple(admission_hooks)
         # Plain-HTTP loopback mode, like kube-apiserver's old insecure port: kubectl sends no
         # bearer token over http, so a request without one acts as admin. Tokens still count.
         self.anonymous_admin = anonymous_admin
@@ -668,9 +747,17 @@ class ApiServer:
         return obj
 
     def _validate(
-        self, request: web.Request, rt: ResourceType, obj: Obj, old: Obj | None
+        self,
+        request: web.Request,
+        rt: ResourceType,
+        obj: Obj,
+        old: Obj | None,
+        *,
+        sub: str = "",
+        generated_name: bool = False,
     ) -> tuple[str, ...]:
-        """Name, schema (custom resources) and per-kind rules; returns warnings."""
+        """Name, schema (custom resources), per-kind rules and admission; returns warnings.
+        What admission changes is written into `obj`, which callers then store."""
         name = obj["metadata"].get("name")
         errors = validate_object_name(name, label=rt.plural == NAMESPACE_KEY)
         if errors:
@@ -689,9 +776,55 @@ class ApiServer:
             errors = validate_crd(obj)
             if errors:
                 raise Invalid.of(rt.kind, str(name), _causes(errors), group=rt.group)
+        admitted = obj
         for hook in self.admission:
-            obj = hook(rt, request.method, obj, old)
+            admitted = hook(rt, request.method, admitted, old)
+        admitted = self._admit(request, rt, admitted, old, sub=sub, generated_name=generated_name)
+        if admitted is not obj:  # callers hold `obj`: the admitted object replaces its content
+            obj.clear()
+            obj.update(admitted)
         return warnings
+
+    def _admit(
+        self,
+        request: web.Request,
+        rt: ResourceType,
+        obj: Obj,
+        old: Obj | None,
+        *,
+        sub: str,
+        generated_name: bool,
+    ) -> Obj:
+        """Run `admission_hooks` in order, each on the object the previous one admitted; the
+        first refusal is the answer (its Status, as kube-apiserver words a webhook's)."""
+        for hook in self.admission_hooks:
+            md = obj.get("metadata") or {}
+            answer = hook(
+                AdmissionRequest(
+                    resource=rt,
+                    operation="UPDATE" if old is not None else "CREATE",
+                    subresource=sub,
+                    namespace=str(md.get("namespace") or ""),
+                    name="" if generated_name else str(md.get("name") or ""),
+                    obj=obj,
+                    old=old,
+                    user=request[USER_KEY],
+                    dry_run=_dry_run(request),
+                    review=lambda spec: review(self.authorizer, spec),
+                    get=self._lookup,
+                )
+            )
+            if not answer.allowed:
+                raise _denied(answer)
+            if answer.patched is not None:
+                obj = answer.patched
+        return obj
+
+    def _lookup(self, key: str, namespace: str, name: str) -> Obj | None:
+        try:
+            return self.store.get(key, namespace, name)
+        except NotFound:
+            return None
 
     def _defaults(self, rt: ResourceType, obj: Obj) -> None:
         if rt.plural == NAMESPACE_KEY and rt.group == "":
@@ -749,13 +882,13 @@ class ApiServer:
         if rt.key == UPLOAD_TOKEN_REQUESTS.key:
             return self._upload_token_request(request, rt, namespace, obj)
         if not meta.get("name") and meta.get("generateName"):
-            meta["name"] = (
-                meta["generateName"] + "xxxxx"
-            )  # validated only; the store picks the suffix
-            probe = dict(obj)
-            probe["metadata"] = dict(meta)
-            self._validate(request, rt, probe, None)
-            meta.pop("name")
+            # Validated under a stand-in name (the store picks the suffix); admission hooks see
+            # no name, as webhooks do, and what they change is kept.
+            probe = copy.deepcopy(obj)
+            probe["metadata"]["name"] = meta["generateName"] + "xxxxx"
+            self._validate(request, rt, probe, None, generated_name=True)
+            probe["metadata"].pop("name", None)
+            obj = probe
             warnings: tuple[str, ...] = ()
         else:
             warnings = self._validate(request, rt, obj, None)
@@ -836,7 +969,7 @@ class ApiServer:
                 f"Precondition failed: UID in precondition: {sent_uid}, "
                 f"UID in object meta: {stored_uid}",
             )
-        warnings = self._validate(request, rt, obj, old)
+        warnings = self._validate(request, rt, obj, old, sub=sub)
         if _dry_run(request):
             stored = _as_stored(obj, old, rt.key)
             return self._json(request, rt, self._present(rt, stored), 200, warnings)
@@ -868,7 +1001,7 @@ class ApiServer:
             result["metadata"]["name"] = name
             if rt.namespaced:
                 result["metadata"]["namespace"] = namespace
-            warnings.extend(self._validate(request, rt, result, current))
+            warnings.extend(self._validate(request, rt, result, current, sub=sub))
             return result
 
         if _dry_run(request):

@@ -1,18 +1,29 @@
 """The local provisioner: PersistentVolumes backed by directories and files under the data dir.
 
-Owns, for the all-in-one server, what a CSI driver plus the external provisioner, resizer and the
-PV controller own on a cluster:
+Owns, for the all-in-one server, what a CSI driver plus the external provisioner, snapshotter,
+resizer and the PV controller own on a cluster:
 
 * two StorageClasses, created when missing: `local` (the default class, Immediate binding,
-  expandable, reclaim Delete) and `local-wffc` (the same with WaitForFirstConsumer);
+  expandable, reclaim Delete) and `local-wffc` (the same with WaitForFirstConsumer); and the
+  VolumeSnapshotClass `local-snapshots` (the default one, deletionPolicy Delete);
 * binding: each Pending PVC of one of our classes (or of no class, when ours is the default,
   which the PVC then gets, as Kubernetes' retroactive default class assignment does) gets a PV
   named `pvc-<pvc uid>` whose `spec.local.path` is `<root>/volumes/<pv name>`: a directory for
   Filesystem volumes, a sparse file of exactly the requested bytes for Block volumes. PV status
   Bound, PVC `spec.volumeName`, then PVC status `{phase: Bound, capacity, accessModes}`;
+* data sources (`cdi.provisioner.sources`): a PVC whose `dataSourceRef`/`dataSource` is a
+  VolumeSnapshot of ours (restore) or a Bound PVC on one of our volumes (CSI clone), in the same
+  namespace, is bound to a copy of that data (reflink when the file system can,
+  `cdi.provisioner.copying`), grown to the request; a source not there yet keeps it Pending
+  and is retried, one that cannot fit (smaller request, other volume mode) gives a Warning
+  `ProvisioningFailed`. Any other data source (CDI's populators, VolumeImportSource and
+  friends) is another component's: such PVCs are left alone;
+* snapshots (`cdi.provisioner.snapshots`): VolumeSnapshots of our volumes get a
+  VolumeSnapshotContent and a copy of the data under `<root>/snapshots`, removed with them;
 * WaitForFirstConsumer: such a PVC is bound only once `volume.kubernetes.io/selected-node` names
   our node (the local node agent sets it when a pod that uses the PVC is waiting, as
   kube-scheduler does on a cluster), or when CDI's `storage.bind.immediate.requested` is set;
+  this holds for PVCs with a data source too;
 * expansion: a larger request on a Bound PVC grows the PV's capacity, the Block file, and the
   PVC's `status.capacity` (shrinking is refused, as Kubernetes refuses it);
 * capacity: a Block volume is a fixed-size file; a Filesystem volume is a directory with no size
@@ -26,8 +37,10 @@ PV controller own on a cluster:
 
 Started by `cdi server` next to the API server, as a task: `run_provisioner(client, root=...,
 stop=...)`. It talks to the API only through `cdi.kube.Client` (so it would work against any API
-server) and must not touch volumes of other provisioners, PVCs with a data source (clones and
-populators are other components' work), or anything outside `<root>/volumes`.
+server) and must not touch volumes of other provisioners, PVCs filled by populators, or anything
+outside `<root>/volumes` and `<root>/snapshots`. Copies run in a child process (`cp`), so the
+event loop keeps serving; the queue, though, waits for them, which keeps a snapshot's copy from
+racing the reclaim of its source.
 
 The node agent (`cdi.agent`) finds a PV's data with `volume_path(pv)`.
 """
@@ -38,45 +51,72 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import stat
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 from cdi.api import VolumeMode, parse_size
 from cdi.api import annotations as ann
 from cdi.api.groups import (
-    EVENT,
     PERSISTENT_VOLUME,
     PERSISTENT_VOLUME_CLAIM,
     STORAGE_CLASS,
+    VOLUME_SNAPSHOT,
     Resource,
 )
 from cdi.api.quantity import QuantityError
 from cdi.kube.client import Client, WatchEvent
 from cdi.kube.errors import AlreadyExists, ApiError, NotFound
 from cdi.kube.informer import Snapshot, list_then_watch
+from cdi.provisioner import sources
+from cdi.provisioner.copying import copy_data, reflink_supported, remove_path
+from cdi.provisioner.events import EventRecorder
+from cdi.provisioner.snapshots import Snapshotter, is_ready, source_pvc_name
+from cdi.provisioner.volumes import (
+    COMPONENT,
+    MANAGED_BY,
+    PROVISIONED_BY,
+    PROVISIONER,
+    Obj,
+    is_block,
+    is_ours,
+    key_of,
+    pv_name_for,
+    request_of,
+    snapshots_dir,
+    volume_path,
+    volumes_dir,
+)
+
+__all__ = [
+    "DEFAULT_CLASS",
+    "PROVISIONER",
+    "WFFC_CLASS",
+    "LocalProvisioner",
+    "ProvisionerSettings",
+    "disk_usage",
+    "pv_name_for",
+    "run_provisioner",
+    "storage_classes",
+    "volume_path",
+    "volumes_dir",
+]
 
 log = logging.getLogger(__name__)
 
-Obj = dict[str, Any]
-
-PROVISIONER: Final = "cdi.kubevirt.io/local"
 DEFAULT_CLASS: Final = "local"
 WFFC_CLASS: Final = "local-wffc"
 DEFAULT_NODE: Final = "cdi-local"
 IS_DEFAULT_CLASS: Final = "storageclass.kubernetes.io/is-default-class"
 SELECTED_NODE: Final = "volume.kubernetes.io/selected-node"
-PROVISIONED_BY: Final = "pv.kubernetes.io/provisioned-by"
 BIND_COMPLETED: Final = "pv.kubernetes.io/bind-completed"
 BOUND_BY_CONTROLLER: Final = "pv.kubernetes.io/bound-by-controller"
 STORAGE_PROVISIONER: Final = "volume.kubernetes.io/storage-provisioner"
 BETA_STORAGE_PROVISIONER: Final = "volume.beta.kubernetes.io/storage-provisioner"
 HOSTNAME_LABEL: Final = "kubernetes.io/hostname"
 WAIT_FOR_FIRST_CONSUMER: Final = "WaitForFirstConsumer"
-COMPONENT: Final = "cdi-local-provisioner"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,32 +130,11 @@ class ProvisionerSettings:
     """Seconds before a failed reconcile of one object is tried again."""
 
 
-def volumes_dir(root: Path) -> Path:
-    """Where every volume of this provisioner lives."""
-    return root / "volumes"
-
-
-def pv_name_for(pvc: Obj) -> str:
-    return f"pvc-{pvc['metadata']['uid']}"
-
-
-def volume_path(pv: Obj) -> Path | None:
-    """The local path of a PV's data (`spec.local.path` or `spec.hostPath.path`), if it has one.
-
-    For the node agent: a directory (Filesystem) or a file (Block, `spec.volumeMode`)."""
-    spec = pv.get("spec") or {}
-    for source in ("local", "hostPath"):
-        path = (spec.get(source) or {}).get("path")
-        if path:
-            return Path(path)
-    return None
-
-
 def storage_classes() -> list[Obj]:
     """The two classes this provisioner serves, as it creates them."""
 
     def make(name: str, binding: str, *, default: bool) -> Obj:
-        md: Obj = {"name": name, "labels": {"app.kubernetes.io/managed-by": COMPONENT}}
+        md: Obj = {"name": name, "labels": {MANAGED_BY: COMPONENT}}
         if default:
             md["annotations"] = {IS_DEFAULT_CLASS: "true"}
         return {
@@ -132,31 +151,6 @@ def storage_classes() -> list[Obj]:
         make(DEFAULT_CLASS, "Immediate", default=True),
         make(WFFC_CLASS, WAIT_FOR_FIRST_CONSUMER, default=False),
     ]
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _key(obj: Obj) -> str:
-    md = obj.get("metadata") or {}
-    ns = md.get("namespace")
-    return f"{ns}/{md.get('name')}" if ns else str(md.get("name"))
-
-
-def _request(pvc: Obj) -> str | None:
-    spec = pvc.get("spec") or {}
-    value = ((spec.get("resources") or {}).get("requests") or {}).get("storage")
-    return str(value) if value is not None else None
-
-
-def _is_block(obj: Obj) -> bool:
-    return (obj.get("spec") or {}).get("volumeMode") == VolumeMode.BLOCK
-
-
-def _ours(pv: Obj) -> bool:
-    annotations_ = (pv.get("metadata") or {}).get("annotations") or {}
-    return bool(annotations_.get(PROVISIONED_BY) == PROVISIONER)
 
 
 # --- file system work (run in a thread) --------------------------------------------------------
@@ -185,17 +179,6 @@ def _grow_file(path: Path, size: int) -> None:
             os.fsync(f.fileno())
 
 
-def _remove_data(path: Path) -> None:
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
 def disk_usage(path: Path) -> int:
     """Bytes allocated under `path` (st_blocks, so holes in sparse files do not count), not
     following symlinks, as `du -s` does. Files vanishing during the walk are skipped."""
@@ -222,21 +205,26 @@ def disk_usage(path: Path) -> int:
 
 
 class LocalProvisioner:
-    """One provisioner: two informers (PVCs, PVs) feed one queue, handled one item at a time so
-    that binding, expansion and reclaim never race each other; a usage scan runs beside them."""
+    """One provisioner: three informers (PVCs, PVs, VolumeSnapshots) feed one queue, handled one
+    item at a time so that binding, copying, expansion and reclaim never race each other; a
+    usage scan runs beside them."""
 
     def __init__(self, client: Client, root: Path, settings: ProvisionerSettings) -> None:
         self.client = client
         self.root = root.resolve()
         self.settings = settings
+        self.events = EventRecorder(client, settings.node_name)
+        self.snapshotter = Snapshotter(client, self.root, self.events)
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._pvcs: dict[str, Obj] = {}
         self._pvs: dict[str, Obj] = {}
+        self._snapshots: dict[str, Obj] = {}
+        # Retries already waiting on the timer: a reconcile that both writes (and so triggers
+        # itself again) and retries must not multiply its timers.
+        self._scheduled: set[tuple[str, str]] = set()
         # (claim uid, capacity) of volumes already reported over capacity, so one event is
         # sent per episode rather than one per scan.
         self._over_capacity: set[tuple[str, int]] = set()
-        # (object uid, reason, message) of warnings already sent by `_event_once`.
-        self._reported: set[tuple[str, str, str]] = set()
 
     @property
     def volumes(self) -> Path:
@@ -244,10 +232,18 @@ class LocalProvisioner:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.volumes.mkdir(parents=True, exist_ok=True)
-        log.info("provisioner started root=%s node=%s", self.volumes, self.settings.node_name)
+        snapshots = snapshots_dir(self.root)
+        reflink = await asyncio.to_thread(reflink_supported, snapshots)
+        log.info(
+            "provisioner started root=%s node=%s reflink=%s",
+            self.volumes,
+            self.settings.node_name,
+            "yes" if reflink else "no (sparse copies)",
+        )
         tasks = [
             asyncio.create_task(self._pump("pvc", PERSISTENT_VOLUME_CLAIM), name="pvc-informer"),
             asyncio.create_task(self._pump("pv", PERSISTENT_VOLUME), name="pv-informer"),
+            asyncio.create_task(self._pump("vs", VOLUME_SNAPSHOT), name="snapshot-informer"),
             asyncio.create_task(self._consume(), name="provisioner"),
             asyncio.create_task(self._scan_usage(), name="usage-scan"),
         ]
@@ -268,8 +264,16 @@ class LocalProvisioner:
             await self._queue.put((kind, change))
 
     def _retry_later(self, kind: str, key: str) -> None:
-        loop = asyncio.get_running_loop()
-        loop.call_later(self.settings.retry_delay, self._queue.put_nowait, (kind, key))
+        mark = (kind, key)
+        if mark in self._scheduled:
+            return
+        self._scheduled.add(mark)
+
+        def fire() -> None:
+            self._scheduled.discard(mark)
+            self._queue.put_nowait(mark)
+
+        asyncio.get_running_loop().call_later(self.settings.retry_delay, fire)
 
     async def _consume(self) -> None:
         while True:
@@ -284,11 +288,11 @@ class LocalProvisioner:
     async def _handle(self, kind: str, item: Any) -> None:
         if kind == "pvc" and isinstance(item, Snapshot):
             await self.ensure_storage_classes()
-            self._pvcs = {_key(o): o for o in item.items}
+            self._pvcs = {key_of(o): o for o in item.items}
             for pvc in list(self._pvcs.values()):
                 await self._guarded_pvc(pvc)
         elif kind == "pvc" and isinstance(item, WatchEvent):
-            key = _key(item.object)
+            key = key_of(item.object)
             if item.type == "DELETED":
                 self._pvcs.pop(key, None)
                 pv = self._pvs.get(pv_name_for(item.object))
@@ -297,6 +301,7 @@ class LocalProvisioner:
             else:
                 self._pvcs[key] = item.object
                 await self._guarded_pvc(item.object)
+                self._wake_dependents_of_pvc(item.object)
         elif kind == "pv" and isinstance(item, Snapshot):
             self._pvs = {o["metadata"]["name"]: o for o in item.items}
             for pv in list(self._pvs.values()):
@@ -309,28 +314,87 @@ class LocalProvisioner:
             else:
                 self._pvs[name] = item.object
                 await self._guarded_pv(item.object)
+        elif kind == "vs" and isinstance(item, Snapshot):
+            await self.ensure_storage_classes()
+            self._snapshots = {key_of(o): o for o in item.items}
+            await self._guarded("snapshot garbage", self.snapshotter.collect_garbage(item.items))
+            for snapshot in list(self._snapshots.values()):
+                await self._guarded_snapshot(snapshot)
+        elif kind == "vs" and isinstance(item, WatchEvent):
+            key = key_of(item.object)
+            if item.type == "DELETED":
+                self._snapshots.pop(key, None)
+                await self._guarded(key, self.snapshotter.deleted(item.object))
+            else:
+                self._snapshots[key] = item.object
+                await self._guarded_snapshot(item.object)
+                if is_ready(item.object):
+                    md = item.object["metadata"]
+                    self._wake_pvcs(sources.Kind.SNAPSHOT, md["namespace"], md["name"])
         elif kind == "retry-pvc" and item in self._pvcs:
             await self._guarded_pvc(self._pvcs[item])
         elif kind == "retry-pv" and item in self._pvs:
             await self._guarded_pv(self._pvs[item])
+        elif kind == "retry-vs" and item in self._snapshots:
+            await self._guarded_snapshot(self._snapshots[item])
+
+    def _wake_dependents_of_pvc(self, pvc: Obj) -> None:
+        """A PVC changed: snapshots of it and clones from it waiting for it may go on now. Cheap
+        (a scan of our caches) and only queues; the reconciles decide."""
+        md = pvc["metadata"]
+        namespace, name = md.get("namespace"), md.get("name")
+        for key, snapshot in self._snapshots.items():
+            if (
+                snapshot["metadata"].get("namespace") == namespace
+                and source_pvc_name(snapshot) == name
+                and not is_ready(snapshot)
+            ):
+                self._queue.put_nowait(("retry-vs", key))
+        self._wake_pvcs(sources.Kind.PVC, str(namespace), str(name))
+
+    def _wake_pvcs(self, kind: sources.Kind, namespace: str, name: str) -> None:
+        for key, pvc in self._pvcs.items():
+            pending = not (pvc.get("spec") or {}).get("volumeName")
+            if pending and sources.names_source(pvc, kind, namespace, name):
+                self._queue.put_nowait(("retry-pvc", key))
+
+    async def _guarded(self, what: str, work: Awaitable[Any]) -> None:
+        try:
+            await work
+        except (ApiError, OSError) as err:  # the next relist or event tries again
+            log.warning("%s: failed error=%s", what, err)
+        except Exception:
+            log.exception("%s: failed", what)
 
     async def _guarded_pvc(self, pvc: Obj) -> None:
         try:
             await self.reconcile_pvc(pvc)
         except (ApiError, OSError) as err:
-            log.warning("%s: reconcile failed, retrying error=%s", _key(pvc), err)
-            self._retry_later("retry-pvc", _key(pvc))
+            log.warning("%s: reconcile failed, retrying error=%s", key_of(pvc), err)
+            self._retry_later("retry-pvc", key_of(pvc))
         except Exception:  # a malformed object: say so, and go on with the others
-            log.exception("%s: reconcile failed", _key(pvc))
+            log.exception("%s: reconcile failed", key_of(pvc))
 
     async def _guarded_pv(self, pv: Obj) -> None:
         try:
             await self.reconcile_pv(pv)
         except (ApiError, OSError) as err:
-            log.warning("%s: reconcile failed, retrying error=%s", _key(pv), err)
-            self._retry_later("retry-pv", _key(pv))
+            log.warning("%s: reconcile failed, retrying error=%s", key_of(pv), err)
+            self._retry_later("retry-pv", key_of(pv))
         except Exception:
-            log.exception("%s: reconcile failed", _key(pv))
+            log.exception("%s: reconcile failed", key_of(pv))
+
+    async def _guarded_snapshot(self, snapshot: Obj) -> None:
+        try:
+            done = await self.snapshotter.reconcile(snapshot)
+        except (ApiError, OSError) as err:
+            log.warning("%s: snapshot failed, retrying error=%s", key_of(snapshot), err)
+            done = False
+        except Exception:
+            log.exception("%s: snapshot failed", key_of(snapshot))
+            return
+        if not done:
+            self._retry_later("retry-vs", key_of(snapshot))
 
     # --- storage classes -------------------------------------------------------------------------
 
@@ -340,6 +404,8 @@ class LocalProvisioner:
             with contextlib.suppress(AlreadyExists):
                 await self.client.create(STORAGE_CLASS, sc)
                 log.info("created storage class name=%s", sc["metadata"]["name"])
+        # Without the snapshot CRDs there are no snapshots, but volumes must still be served.
+        await self._guarded("volume snapshot class", self.snapshotter.ensure_class())
 
     async def _class_for(self, name: str | None) -> Obj | None:
         """The StorageClass a PVC asks for (None: the default class), if it is ours."""
@@ -379,7 +445,7 @@ class LocalProvisioner:
         sc = await self._class_for(class_name)
         if sc is None:
             return
-        key = _key(pvc)
+        key = key_of(pvc)
         if class_name is None:
             # Retroactive default class: the PVC says which class it got, as on a cluster.
             pvc = await self.client.patch(
@@ -388,16 +454,11 @@ class LocalProvisioner:
                 {"spec": {"storageClassName": sc["metadata"]["name"]}},
                 md["namespace"],
             )
-        if spec.get("dataSource") or spec.get("dataSourceRef"):
-            # Clones and populators fill volumes through their own components; binding an empty
-            # volume here would hide their failure.
-            await self._event_once(
-                pvc,
-                "Warning",
-                "ProvisioningFailed",
-                "the local provisioner does not fill volumes from a dataSource; "
-                "create the PVC without one",
-            )
+        if sources.kind_of(pvc) is sources.Kind.FOREIGN:
+            # A populator's PVC (CDI's VolumeImportSource and the like): the populator fills a
+            # PVC' of its own and hands its volume over; binding an empty volume here would
+            # hide the populator's failure.
+            log.debug("%s: data source is a populator's, left alone", key)
             return
         if sc.get("volumeBindingMode") == WAIT_FOR_FIRST_CONSUMER:
             notes = md.get("annotations") or {}
@@ -409,7 +470,7 @@ class LocalProvisioner:
         await self._provision(pvc, sc)
 
     async def _provision(self, pvc: Obj, sc: Obj) -> None:
-        key = _key(pvc)
+        key = key_of(pvc)
         # Events queue up behind our own writes: one from before the binding would provision
         # again (harmless, but twice the work and events). The PVC as it is now decides.
         try:
@@ -426,22 +487,35 @@ class LocalProvisioner:
             return
         pvc = fresh
         md = pvc["metadata"]
-        request = _request(pvc)
+        request = request_of(pvc)
         try:
             size = parse_size(request) if request is not None else None
         except QuantityError:
             size = None
         if request is None or size is None or size <= 0:
-            await self._event_once(
+            await self.events.once(
                 pvc,
                 "Warning",
                 "ProvisioningFailed",
                 f"spec.resources.requests.storage must be a positive size, not {request!r}",
             )
             return
-        block = _is_block(pvc)
+        fill: sources.Fill | None = None
+        if sources.kind_of(pvc) is not sources.Kind.NONE:
+            decision = await sources.resolve(
+                self.client, self.root, pvc, request=request, size=size
+            )
+            if not isinstance(decision, sources.Fill):
+                await self._hold(pvc, decision)
+                return
+            fill = decision
+        block = is_block(pvc)
         name = pv_name_for(pvc)
         path = self.volumes / name
+        # A copy lands whole or not at all (copy_data), so an existing path is a finished one.
+        if fill is not None and not await asyncio.to_thread(path.exists):
+            await copy_data(fill.path, path)
+        # Also grows a restored Block file to the request: the tail reads as zeros.
         await asyncio.to_thread(_create_data, path, block=block, size=size)
         spec = pvc.get("spec") or {}
         access_modes = spec.get("accessModes") or ["ReadWriteOnce"]
@@ -508,16 +582,30 @@ class LocalProvisioner:
         )
         await self._set_bound(pvc, request, access_modes)
         log.info(
-            "%s: provisioned pv=%s mode=%s size=%d path=%s",
+            "%s: provisioned pv=%s mode=%s size=%d path=%s source=%s",
             key,
             name,
             "Block" if block else "Filesystem",
             size,
             path,
+            fill.description if fill is not None else "none",
         )
-        await self._event(
-            pvc, "Normal", "ProvisioningSucceeded", f"Successfully provisioned volume {name}"
+        origin = f" from {fill.description}" if fill is not None else ""
+        await self.events.emit(
+            pvc,
+            "Normal",
+            "ProvisioningSucceeded",
+            f"Successfully provisioned volume {name}{origin}",
         )
+
+    async def _hold(self, pvc: Obj, decision: sources.Wait | sources.Refuse) -> None:
+        """Keep the PVC Pending: until its data source is ready (retried, and woken when the
+        source changes), or for good, saying why (its spec is what must change)."""
+        if isinstance(decision, sources.Wait):
+            await self.events.once(pvc, "Normal", "WaitingForDataSource", decision.message)
+            self._retry_later("retry-pvc", key_of(pvc))
+        else:
+            await self.events.once(pvc, "Warning", "ProvisioningFailed", decision.message)
 
     async def _set_bound(self, pvc: Obj, capacity: str, access_modes: list[str]) -> None:
         md = pvc["metadata"]
@@ -538,7 +626,7 @@ class LocalProvisioner:
     async def _sync_bound(self, pvc: Obj) -> None:
         """A PVC bound to our PV: finish a binding cut short, and grow the volume when asked."""
         md = pvc["metadata"]
-        key = _key(pvc)
+        key = key_of(pvc)
         name = pv_name_for(pvc)
         try:
             pv = await self.client.get(PERSISTENT_VOLUME, name)
@@ -552,12 +640,14 @@ class LocalProvisioner:
                     md["namespace"],
                     subresource="status",
                 )
-                await self._event(pvc, "Warning", "ClaimLost", f"volume {name} no longer exists")
+                await self.events.emit(
+                    pvc, "Warning", "ClaimLost", f"volume {name} no longer exists"
+                )
             return
         pv_capacity = str(((pv.get("spec") or {}).get("capacity") or {}).get("storage") or "")
         status = pvc.get("status") or {}
         access_modes = (pv.get("spec") or {}).get("accessModes") or ["ReadWriteOnce"]
-        request = _request(pvc)
+        request = request_of(pvc)
         try:
             wanted = parse_size(request) if request else 0
             have = parse_size(pv_capacity) if pv_capacity else 0
@@ -567,7 +657,7 @@ class LocalProvisioner:
             await self._expand(pvc, pv, request, wanted)
             return
         if request and wanted < have and (status.get("capacity") or {}).get("storage"):
-            await self._event_once(
+            await self.events.once(
                 pvc,
                 "Warning",
                 "VolumeResizeFailed",
@@ -577,11 +667,11 @@ class LocalProvisioner:
             await self._set_bound(pvc, pv_capacity, access_modes)
 
     async def _expand(self, pvc: Obj, pv: Obj, request: str, size: int) -> None:
-        key = _key(pvc)
+        key = key_of(pvc)
         sc_name = (pv.get("spec") or {}).get("storageClassName")
         sc = await self._class_for(sc_name) if sc_name else None
         if sc is None or not sc.get("allowVolumeExpansion"):
-            await self._event_once(
+            await self.events.once(
                 pvc,
                 "Warning",
                 "VolumeResizeFailed",
@@ -589,7 +679,7 @@ class LocalProvisioner:
             )
             return
         name = pv["metadata"]["name"]
-        if _is_block(pv):
+        if is_block(pv):
             expected = self.volumes / name
             if volume_path(pv) != expected:
                 log.warning("%s: refusing to grow pv=%s at an unexpected path", key, name)
@@ -601,7 +691,7 @@ class LocalProvisioner:
         access_modes = (pv.get("spec") or {}).get("accessModes") or ["ReadWriteOnce"]
         await self._set_bound(pvc, request, access_modes)
         log.info("%s: expanded pv=%s size=%d", key, name, size)
-        await self._event(
+        await self.events.emit(
             pvc, "Normal", "VolumeResizeSuccessful", f"volume {name} expanded to {request}"
         )
 
@@ -609,7 +699,7 @@ class LocalProvisioner:
 
     async def reconcile_pv(self, pv: Obj) -> None:
         """Release a PV whose claim is gone; with reclaim policy Delete, delete data and PV."""
-        if not _ours(pv):
+        if not is_ours(pv):
             return
         md = pv["metadata"]
         spec = pv.get("spec") or {}
@@ -643,7 +733,7 @@ class LocalProvisioner:
         """One of our PVs is gone. Its data goes too only if it was Released with policy Delete
         (we were deleting it); a PV deleted while in use keeps its data, as a CSI volume would,
         rather than pulling the disk from under a running worker."""
-        if not _ours(pv):
+        if not is_ours(pv):
             return
         spec = pv.get("spec") or {}
         released = (pv.get("status") or {}).get("phase") == "Released"
@@ -653,7 +743,7 @@ class LocalProvisioner:
             volume_path(pv) is not None and volume_path(pv) == self.volumes / pv["metadata"]["name"]
         ):
             log.warning(
-                "pv=%s deleted while not released; data kept path=%s", _key(pv), volume_path(pv)
+                "pv=%s deleted while not released; data kept path=%s", key_of(pv), volume_path(pv)
             )
 
     async def _delete_data(self, pv: Obj) -> bool:
@@ -664,7 +754,7 @@ class LocalProvisioner:
         if volume_path(pv) != expected or "/" in name or name in ("", ".", ".."):
             log.warning("pv=%s: not removing data at unexpected path=%s", name, volume_path(pv))
             return False
-        await asyncio.to_thread(_remove_data, expected)
+        await asyncio.to_thread(remove_path, expected)
         log.info("pv=%s data removed path=%s", name, expected)
         return True
 
@@ -680,7 +770,7 @@ class LocalProvisioner:
                     log.warning("pv=%s usage check failed error=%s", pv["metadata"]["name"], err)
 
     async def _check_usage(self, pv: Obj) -> None:
-        if not _ours(pv) or _is_block(pv) or (pv.get("status") or {}).get("phase") != "Bound":
+        if not is_ours(pv) or is_block(pv) or (pv.get("status") or {}).get("phase") != "Bound":
             return
         name = pv["metadata"]["name"]
         path = self.volumes / name
@@ -705,53 +795,12 @@ class LocalProvisioner:
             )
         except NotFound:
             return
-        await self._event(
+        await self.events.emit(
             pvc,
             "Warning",
             "VolumeOverCapacity",
             f"volume {name} holds {used} bytes, more than its capacity of {capacity} bytes",
         )
-
-    # --- events ----------------------------------------------------------------------------------
-
-    async def _event_once(self, obj: Obj, kind: str, reason: str, message: str) -> None:
-        """An event that level-triggered reconciles would otherwise repeat on every pass."""
-        mark = (str(obj["metadata"].get("uid")), reason, message)
-        if mark in self._reported:
-            return
-        self._reported.add(mark)
-        log.warning("%s: %s %s", _key(obj), reason, message)
-        await self._event(obj, kind, reason, message)
-
-    async def _event(self, obj: Obj, kind: str, reason: str, message: str) -> None:
-        md = obj["metadata"]
-        now = _now()
-        event: Obj = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{md['name']}.", "namespace": md.get("namespace")},
-            "involvedObject": {
-                "apiVersion": obj.get("apiVersion", "v1"),
-                "kind": obj.get("kind", "PersistentVolumeClaim"),
-                "name": md["name"],
-                "namespace": md.get("namespace"),
-                "uid": md.get("uid"),
-                "resourceVersion": md.get("resourceVersion"),
-            },
-            "reason": reason,
-            "message": message,
-            "type": kind,
-            "source": {"component": COMPONENT, "host": self.settings.node_name},
-            "reportingComponent": PROVISIONER,
-            "reportingInstance": self.settings.node_name,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
-        try:
-            await self.client.create(EVENT, event)
-        except ApiError as err:  # an event is a courtesy; never fail the reconcile for it
-            log.debug("%s: cannot record event reason=%s error=%s", _key(obj), reason, err)
 
 
 async def run_provisioner(

@@ -7,6 +7,7 @@ Paths, for v1beta1 and v1alpha1 alike:
                             conversion and resize go on, the result goes to the termination log
     POST /upload-form[-async]   the same with a multipart/form-data body, field `file`
     POST /upload-archive    a tar (maybe compressed) extracted into the volume
+    POST /upload + header x-cdi-content-type   a clone stream (importer.upload.clone)
     HEAD /upload-async, /upload-form-async   200 (how virtctl discovers async support)
     PUT  /upload, /upload-async, /upload-archive   resumable upload (ours): Content-Range chunks
     HEAD /upload, /upload-async, /upload-archive   200 with `Upload-Offset: N`
@@ -50,6 +51,7 @@ from importer.metrics import ImportProgress
 from importer.pipeline import ImportRun
 from importer.sources import Source
 from importer.sources.upload import BodySource, StagedFileSource, UploadBodyError
+from importer.upload.clone import CloneRefused, is_clone, receive_clone
 from importer.upload.errors import classify, describe, no_capacity
 from importer.upload.settings import UploadSettings
 from importer.upload.staging import (
@@ -159,6 +161,8 @@ class UploadServer:
         if refusal := self._acquire():
             return refusal
         try:
+            if is_clone(endpoint.path, request.headers):
+                return await self._clone(request)
             if endpoint.archive and self.settings.is_block:
                 return self._release_with(400, "archive uploads need a Filesystem volume")
             if self.staging is not None and self.staging.total is not None:
@@ -299,6 +303,23 @@ class UploadServer:
             message = await task
         except Exception as err:
             return self._failed(err)
+        return await self._complete(request, message)
+
+    async def _clone(self, request: web.Request) -> web.StreamResponse:
+        """A clone stream (importer.upload.clone); the caller holds the upload (BUSY)."""
+        self.progress = ImportProgress(self.settings.owner_uid)  # a fresh counter per attempt
+        try:
+            message = await receive_clone(request, self.settings, self.progress)
+        except CloneRefused as err:
+            log.warning("clone refused status=%d %s", err.status, err)
+            return self._release_with(err.status, str(err))
+        except Exception as err:
+            return self._failed(err)
+        return await self._complete(request, message)
+
+    async def _complete(
+        self, request: web.Request, message: TerminationMessage
+    ) -> web.StreamResponse:
         self._succeeded(message)
         response = web.Response(text=MESSAGE_UPLOAD_COMPLETE)
         try:

@@ -1,0 +1,420 @@
+"""Clone DataVolumes end to end: the in-process API server, the local provisioner and node agent,
+and the controllers, with the real `cdi-cloner` and `cdi-uploadserver` run as pods.
+
+Sources are blank DataVolumes whose volume the test then writes a pattern into (a few extents,
+the rest holes). Every test checks the source's sha256 before and after: a clone never
+modifies its source."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from cdi.api import annotations as ann
+from cdi.api.groups import (
+    CDI_CONFIG,
+    CDI_CONFIG_NAME,
+    DATA_VOLUME,
+    EVENT,
+    NAMESPACE,
+    PERSISTENT_VOLUME_CLAIM,
+    POD,
+    VOLUME_SNAPSHOT,
+)
+from cdi.controller.cloning import REASON_SOURCE_GONE
+from cdi.kube.client import Client
+from cdi.kube.errors import NotFound
+from tests.support.cdiserver import worker_processes
+from tests.support.cluster import Cluster, eventually
+from tests.support.dv import (
+    NS,
+    blank_dv,
+    conditions,
+    disk_of,
+    dv_in,
+    dv_manifest,
+)
+
+MIB = 1 << 20
+CLONE_TIMEOUT = 60.0
+PATTERN_OFFSETS = (0, 5 * MIB + 4096, 17 * MIB)
+
+
+def _sha256(path: Path, length: int | None = None) -> str:
+    digest = hashlib.sha256()
+    left = os.path.getsize(path) if length is None else length
+    with path.open("rb") as f:
+        while left > 0:
+            chunk = f.read(min(left, 4 * MIB))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def _write_pattern(path: Path) -> None:
+    """A few MiB of distinct data at a few offsets; holes elsewhere."""
+    with path.open("r+b") as f:
+        for i, offset in enumerate(PATTERN_OFFSETS):
+            f.seek(offset)
+            f.write(hashlib.sha256(str(i).encode()).digest() * (MIB // 32))
+
+
+def _zeros_after(path: Path, start: int) -> bool:
+    with path.open("rb") as f:
+        f.seek(start)
+        while chunk := f.read(4 * MIB):
+            if chunk.count(0) != len(chunk):
+                return False
+    return True
+
+
+async def _source(
+    client: Client, name: str, *, size: str = "32Mi", namespace: str = NS, block: bool = False
+) -> tuple[Path, str, int]:
+    """A filled source volume: its disk path, sha256 and size."""
+    storage: dict[str, Any] = {"volumeMode": "Block"} if block else {}
+    manifest = blank_dv(name, size=size, **storage)
+    manifest["metadata"]["namespace"] = namespace
+    await client.create(DATA_VOLUME, manifest)
+    dv = await dv_in(client, name, "Succeeded", "Failed", namespace=namespace)
+    assert dv["status"]["phase"] == "Succeeded", dv["status"]
+    disk = await disk_of(client, name, namespace)
+    _write_pattern(disk)
+    return disk, _sha256(disk), disk.stat().st_size
+
+
+def clone_dv(
+    name: str,
+    source: str,
+    *,
+    source_namespace: str = NS,
+    namespace: str = NS,
+    size: str | None = None,
+    strategy: str | None = "copy",
+    **storage: Any,
+) -> dict[str, Any]:
+    manifest = dv_manifest(
+        name,
+        {"pvc": {"namespace": source_namespace, "name": source}},
+        size=size,
+        namespace=namespace,
+        storage=storage,
+    )
+    if strategy:
+        manifest["metadata"]["annotations"] = {ann.STORAGE_CLASS_CLONE_STRATEGY: strategy}
+    return manifest
+
+
+async def _reasons(client: Client, name: str, namespace: str = NS) -> set[str]:
+    events, _ = await client.list(EVENT, namespace)
+    return {e["reason"] for e in events if e["involvedObject"]["name"] == name}
+
+
+async def _no_clone_pods(client: Client) -> bool:
+    items, _ = await client.list(POD)
+    return not [
+        p
+        for p in items
+        if (p["metadata"].get("labels") or {}).get(ann.LABEL_COMPONENT)
+        in (ann.LABEL_COMPONENT_CLONE_SOURCE, ann.LABEL_COMPONENT_UPLOAD_SERVER)
+    ]
+
+
+async def test_copy_filesystem_to_filesystem_empty_size(stack: Cluster) -> None:
+    client = stack.client
+    src, digest, size = await _source(client, "src")
+    await client.create(DATA_VOLUME, clone_dv("copy", "src"))
+    dv = await dv_in(client, "copy", "Succeeded", "Failed", within=CLONE_TIMEOUT)
+    assert dv["status"]["phase"] == "Succeeded", dv["status"]
+    assert dv["status"]["progress"] == "100.0%"
+    assert conditions(dv)["Ready"]["status"] == "True"
+    target = await disk_of(client, "copy")
+    assert _sha256(target, size) == digest
+    assert _zeros_after(target, size)
+    assert _sha256(src) == digest
+    pvc = await client.get(PERSISTENT_VOLUME_CLAIM, "copy", NS)
+    annotations = pvc["metadata"]["annotations"]
+    assert annotations[ann.CLONE_REQUEST] == f"{NS}/src"
+    assert annotations[ann.CLONE_TYPE] == "copy"
+    reasons = await _reasons(client, "copy")
+    assert {"CloneScheduled", "CloneSucceeded"} <= reasons, reasons
+    await eventually(lambda: _no_clone_pods(client), within=15.0, what="clone pods deleted")
+
+
+async def test_copy_between_volume_modes(stack: Cluster) -> None:
+    client = stack.client
+    fs_src, fs_digest, fs_size = await _source(client, "fs-src")
+    block_src, block_digest, block_size = await _source(client, "block-src", block=True)
+    await client.create(DATA_VOLUME, clone_dv("to-block", "fs-src", volumeMode="Block"))
+    await client.create(DATA_VOLUME, clone_dv("to-fs", "block-src"))
+    for name in ("to-block", "to-fs"):
+        dv = await dv_in(client, name, "Succeeded", "Failed", within=CLONE_TIMEOUT)
+        assert dv["status"]["phase"] == "Succeeded", (name, dv["status"])
+    assert _sha256(await disk_of(client, "to-block"), fs_size) == fs_digest
+    assert _sha256(await disk_of(client, "to-fs"), block_size) == block_digest
+    assert _sha256(fs_src) == fs_digest
+    assert _sha256(block_src) == block_digest
+
+
+async def test_cross_namespace_copy(stack: Cluster) -> None:
+    client = stack.client
+    await client.create(
+        NAMESPACE, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "golden"}}
+    )
+    src, digest, size = await _source(client, "base", namespace="golden")
+    await client.create(DATA_VOLUME, clone_dv("mine", "base", source_namespace="golden"))
+    dv = await dv_in(client, "mine", "Succeeded", "Failed", within=CLONE_TIMEOUT)
+    assert dv["status"]["phase"] == "Succeeded", dv["status"]
+    assert _sha256(await disk_of(client, "mine"), size) == digest
+    assert _sha256(src) == digest
+    await eventually(lambda: _no_clone_pods(client), within=15.0, what="clone pods deleted")
+
+
+async def test_missing_source_waits_then_clones(stack: Cluster) -> None:
+    client = stack.client
+    await client.create(DATA_VOLUME, clone_dv("early", "later"))
+
+    async def waiting() -> dict[str, Any] | None:
+        dv = await client.get(DATA_VOLUME, "early", NS)
+        if not (dv.get("status") or {}).get("conditions"):
+            return None
+        return dv if conditions(dv)["Bound"]["reason"] == "CloneWithoutSource" else None
+
+    dv = await eventually(waiting, within=20.0, what="CloneWithoutSource")
+    assert dv["status"]["phase"] == "Pending"
+    assert "later" in conditions(dv)["Bound"]["message"]
+    _, digest, size = await _source(client, "later")
+    done = await dv_in(client, "early", "Succeeded", "Failed", within=CLONE_TIMEOUT)
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert _sha256(await disk_of(client, "early"), size) == digest
+
+
+async def test_smaller_target_refused_unless_permissive(stack: Cluster) -> None:
+    client = stack.client
+    src, digest, _ = await _source(client, "big", size="64Mi")
+    await client.create(DATA_VOLUME, clone_dv("small", "big", size="16Mi"))
+    dv = await dv_in(client, "small", "Failed", "Succeeded", within=20.0)
+    message = conditions(dv)["Bound"]["message"]
+    assert "smaller than the source" in message and "permissiveClone" in message, message
+    assert dv["status"]["phase"] == "Failed"
+    items, _ = await client.list(PERSISTENT_VOLUME_CLAIM, NS)
+    assert "small" not in {p["metadata"]["name"] for p in items}
+    assert _sha256(src) == digest
+
+
+async def test_source_in_use_waits(stack: Cluster) -> None:
+    client = stack.client
+    src, digest, size = await _source(client, "busy")
+    writer = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "writer", "namespace": NS},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "busybox",
+                    "command": ["sleep", "30"],
+                    "volumeMounts": [{"name": "v", "mountPath": "/data"}],
+                }
+            ],
+            "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": "busy"}}],
+        },
+    }
+    await client.create(POD, writer, NS)
+
+    async def running() -> bool:
+        pod = await client.get(POD, "writer", NS)
+        return (pod.get("status") or {}).get("phase") == "Running"
+
+    await eventually(running, within=20.0, what="writer pod running")
+    await client.create(DATA_VOLUME, clone_dv("after", "busy"))
+
+    async def in_use() -> bool:
+        return "CloneSourceInUse" in await _reasons(client, "after")
+
+    await eventually(in_use, within=20.0, what="CloneSourceInUse event")
+    dv = await client.get(DATA_VOLUME, "after", NS)
+    assert dv["status"]["phase"] != "Succeeded"
+    await client.delete(POD, "writer", NS)
+    done = await dv_in(client, "after", "Succeeded", "Failed", within=CLONE_TIMEOUT)
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert _sha256(await disk_of(client, "after"), size) == digest
+    assert _sha256(src) == digest
+
+
+async def test_snapshot_strategy_and_fallback(stack: Cluster) -> None:
+    client = stack.client
+    src, digest, size = await _source(client, "snap-src")
+    await client.create(DATA_VOLUME, clone_dv("smart", "snap-src", strategy="snapshot"))
+    await client.create(
+        DATA_VOLUME, clone_dv("fallback", "snap-src", strategy="snapshot", volumeMode="Block")
+    )
+    smart = await dv_in(client, "smart", "Succeeded", "Failed", within=CLONE_TIMEOUT)
+    assert smart["status"]["phase"] == "Succeeded", smart["status"]
+    pvc = await client.get(PERSISTENT_VOLUME_CLAIM, "smart", NS)
+    assert pvc["metadata"]["annotations"][ann.CLONE_TYPE] == "snapshot"
+    assert pvc["spec"]["dataSource"]["kind"] == "VolumeSnapshot"
+    assert _sha256(await disk_of(client, "smart"), size) == digest
+
+    async def snapshot_gone() -> bool:
+        items, _ = await client.list(VOLUME_SNAPSHOT, NS)
+        return not items
+
+    await eventually(snapshot_gone, within=15.0, what="temporary snapshot deleted")
+    fallback = await dv_in(client, "fallback", "Succeeded", "Failed", within=CLONE_TIMEOUT)
+    assert fallback["status"]["phase"] == "Succeeded", fallback["status"]
+    pvc = await client.get(PERSISTENT_VOLUME_CLAIM, "fallback", NS)
+    annotations = pvc["metadata"]["annotations"]
+    assert annotations[ann.CLONE_TYPE] == "copy"
+    assert "volume mode" in annotations[ann.CLONE_FALLBACK_REASON]
+    assert "IncompatibleVolumeModes" in await _reasons(client, "fallback")
+    assert _sha256(await disk_of(client, "fallback"), size) == digest
+    assert _sha256(src) == digest
+    await asyncio.sleep(0)
+
+
+# --- failures mid-clone ------------------------------------------------------------------------
+
+
+async def _slow_workers(client: Client) -> None:
+    """Worker pods limited to a slice of a CPU (CDIConfig podResourceRequirements), so that a
+    clone of ~100 MiB takes seconds: long enough to break it in the middle."""
+
+    async def config_status() -> dict[str, Any] | None:
+        with contextlib.suppress(NotFound):
+            config = await client.get(CDI_CONFIG, CDI_CONFIG_NAME)
+            return config if config.get("status") else None
+        return None
+
+    config = await eventually(config_status, within=20.0, what="the CDIConfig")
+    config.setdefault("spec", {})["podResourceRequirements"] = {
+        "limits": {"cpu": "150m", "memory": "600M"},
+        "requests": {"cpu": "10m", "memory": "60M"},
+    }
+    await client.replace(CDI_CONFIG, config)
+
+    async def applied() -> bool:
+        current = await client.get(CDI_CONFIG, CDI_CONFIG_NAME)
+        resources = (current.get("status") or {}).get("defaultPodResourceRequirements") or {}
+        return (resources.get("limits") or {}).get("cpu") == "150m"
+
+    await eventually(applied, within=20.0, what="slow pod resources in the CDIConfig status")
+
+
+async def _big_source(client: Client, name: str) -> tuple[Path, str, int]:
+    await client.create(DATA_VOLUME, blank_dv(name, size="128Mi"))
+    dv = await dv_in(client, name, "Succeeded", "Failed")
+    assert dv["status"]["phase"] == "Succeeded", dv["status"]
+    disk = await disk_of(client, name)
+    with disk.open("r+b") as f:
+        for i in range(12):
+            f.seek(i * 10 * MIB)
+            f.write(os.urandom(8 * MIB))
+    return disk, _sha256(disk), disk.stat().st_size
+
+
+def _worker_pids(data_dir: Path, command: str) -> list[int]:
+    return [
+        p.pid
+        for p in worker_processes(data_dir)
+        if (command in p.cmdline and "python" in p.cmdline) or p.cmdline.startswith(command)
+    ]
+
+
+async def _kill_mid_stream(stack: Cluster, name: str, command: str) -> None:
+    """SIGKILL the worker `command` once the clone `name` has sent some of its data (the
+    progress metric, as the DataVolume shows it, between 0 and 80%)."""
+
+    async def streaming() -> list[int] | None:
+        dv = await stack.client.get(DATA_VOLUME, name, NS)
+        status = dv.get("status") or {}
+        try:
+            percent = float(str(status.get("progress", "")).rstrip("%"))
+        except ValueError:
+            return None
+        if status.get("phase") != "CloneInProgress" or not 0 < percent < 80:
+            return None
+        return _worker_pids(stack.data_dir, command) or None
+
+    pids = await eventually(streaming, within=CLONE_TIMEOUT, what=f"{command} streaming")
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_cloner_killed_mid_stream_retries(stack: Cluster) -> None:
+    client = stack.client
+    src, digest, size = await _big_source(client, "kill-src")
+    await _slow_workers(client)
+    await client.create(DATA_VOLUME, clone_dv("kill-cloner", "kill-src"))
+    await _kill_mid_stream(stack, "kill-cloner", "cdi-cloner")
+    dv = await dv_in(client, "kill-cloner", "Succeeded", "Failed", within=CLONE_TIMEOUT * 2)
+    assert dv["status"]["phase"] == "Succeeded", dv["status"]
+    assert dv["status"]["restartCount"] >= 1
+    assert _sha256(await disk_of(client, "kill-cloner"), size) == digest
+    assert _sha256(src) == digest
+
+
+async def test_upload_server_killed_mid_stream_retries(stack: Cluster) -> None:
+    client = stack.client
+    src, digest, size = await _big_source(client, "kill-src2")
+    await _slow_workers(client)
+    await client.create(DATA_VOLUME, clone_dv("kill-server", "kill-src2"))
+    await _kill_mid_stream(stack, "kill-server", "cdi-uploadserver")
+    dv = await dv_in(client, "kill-server", "Succeeded", "Failed", within=CLONE_TIMEOUT * 2)
+    assert dv["status"]["phase"] == "Succeeded", dv["status"]
+    assert _sha256(await disk_of(client, "kill-server"), size) == digest
+    assert _sha256(src) == digest
+
+
+async def test_source_deleted_mid_clone_stops_and_waits(stack: Cluster) -> None:
+    client = stack.client
+    await _big_source(client, "doomed")
+    await _slow_workers(client)
+    await client.create(DATA_VOLUME, clone_dv("orphan", "doomed"))
+    await dv_in(client, "orphan", "CloneInProgress", "Succeeded", within=CLONE_TIMEOUT)
+    await client.delete(DATA_VOLUME, "doomed", NS)
+
+    async def waiting() -> dict[str, Any] | None:
+        dv = await client.get(DATA_VOLUME, "orphan", NS)
+        running = conditions(dv)["Running"]
+        return dv if "is gone" in running.get("message", "") else None
+
+    dv = await eventually(
+        waiting, within=CLONE_TIMEOUT, what="the clone notices its source is gone"
+    )
+    assert dv["status"]["phase"] != "Succeeded"
+    assert REASON_SOURCE_GONE in await _reasons(client, "orphan")
+    await eventually(
+        lambda: _no_source_pods(client), within=20.0, what="source pod deleted with its source"
+    )
+
+
+async def _no_source_pods(client: Client) -> bool:
+    items, _ = await client.list(POD)
+    return not [
+        p
+        for p in items
+        if (p["metadata"].get("labels") or {}).get(ann.LABEL_COMPONENT)
+        == ann.LABEL_COMPONENT_CLONE_SOURCE
+    ]
+
+
+async def test_content_type_mismatch_fails(stack: Cluster) -> None:
+    client = stack.client
+    src, digest, _ = await _source(client, "kv")
+    manifest = clone_dv("as-archive", "kv")
+    manifest["spec"]["contentType"] = "archive"
+    await client.create(DATA_VOLUME, manifest)
+    dv = await dv_in(client, "as-archive", "Failed", "Succeeded", within=20.0)
+    assert "content type" in conditions(dv)["Bound"]["message"]
+    assert _sha256(src) == digest
