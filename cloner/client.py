@@ -9,6 +9,8 @@ give on a cluster.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -36,6 +38,7 @@ PREALLOCATION_HEADER: Final = "x-cdi-preallocation"  # ours: informational, the 
 EXTENTS_V1: Final = "extents-v1"
 
 CONNECT_TIMEOUT: Final = 30.0
+LISTEN_POLL: Final = 0.1
 ERROR_TEXT_LIMIT: Final = 1000  # characters of the server's answer kept in the failure line
 
 
@@ -103,12 +106,36 @@ def connect_url(settings: CloneSettings) -> tuple[URL, dict[str, str], str | Non
     return target, {"Host": authority}, url.host if url.scheme == "https" else None
 
 
+async def wait_until_listening(host: str, port: int, *, within: float) -> None:
+    """Return once something accepts TCP connections at host:port. The source pod is started
+    as soon as the target's upload server runs, before its readiness probe passes (that saves
+    the probe's initial delay on every clone), so the server may not listen yet; a refusal is
+    retried, anything else ends the wait and `send` reports it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+        except ConnectionRefusedError:
+            if loop.time() >= deadline:
+                return
+            await asyncio.sleep(LISTEN_POLL)
+            continue
+        except (OSError, TimeoutError):
+            return
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
+
+
 async def send(
     settings: CloneSettings, context: ssl.SSLContext | None, body: Body, headers: Mapping[str, str]
 ) -> str:
     """POST the body; the server's answer text on 200, CloneError for anything else."""
     url, extra, server_hostname = connect_url(settings)
     where = f"{url.host}:{url.port}"
+    await wait_until_listening(str(url.host), int(url.port or 443), within=settings.connect_wait)
     connector = aiohttp.TCPConnector(ssl=context if context is not None else True, limit=1)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
     try:

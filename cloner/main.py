@@ -51,6 +51,8 @@ All input comes from environment variables (CDI's names, ours marked *):
                        archive: a tar of MOUNT_POINT's entries (not lost+found), holes
                        kept (Filesystem only)                                [kubevirt]
   CLONE_COMPRESSION *  none | zstd: the whole stream as one zstd stream      [none]
+  CLONE_CONNECT_WAIT * seconds a refused connection to the upload server is retried: the
+                       source pod starts while the target's server may still be starting [60]
   CDI_METRICS_ADDR *   host:port of the HTTPS metrics endpoint (port 0: any free port),
                        or off; kubevirt_cdi_clone_progress_total{ownerUID} is the percent of
                        the source's data sent                              [0.0.0.0:8443]

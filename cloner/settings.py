@@ -24,6 +24,8 @@ from cloner.errors import SettingsError
 UPLOAD_SERVER_ADDRESS: Final = "UPLOAD_SERVER_ADDRESS"
 CLONE_CONTENT_TYPE: Final = "CLONE_CONTENT_TYPE"
 CLONE_COMPRESSION: Final = "CLONE_COMPRESSION"
+CLONE_CONNECT_WAIT: Final = "CLONE_CONNECT_WAIT"
+DEFAULT_CONNECT_WAIT: Final = 60.0
 CDI_LOG_LEVEL: Final = "CDI_LOG_LEVEL"
 DEFAULT_METRICS_ADDR: Final = f"0.0.0.0:{env.METRICS_PORT}"
 
@@ -66,6 +68,8 @@ class CloneSettings:
     content: Content = Content.KUBEVIRT
     compression: Compression = Compression.NONE
     metrics_addr: tuple[str, int] | None = ("0.0.0.0", env.METRICS_PORT)  # noqa: S104 - as CDI
+    connect_wait: float = DEFAULT_CONNECT_WAIT
+    """Seconds a refused connection to the upload server is retried (it may not listen yet)."""
 
     @property
     def source(self) -> Path:
@@ -119,6 +123,15 @@ class CloneSettings:
         if raw_metrics != "off":
             metrics = _host_port(env.CDI_METRICS_ADDR, raw_metrics, allow_zero=True)
 
+        connect_wait = DEFAULT_CONNECT_WAIT
+        if raw_wait := get(CLONE_CONNECT_WAIT):
+            try:
+                connect_wait = float(raw_wait)
+            except ValueError:
+                connect_wait = -1.0
+            if not 0 <= connect_wait <= 3600:
+                raise SettingsError(CLONE_CONNECT_WAIT, f"{raw_wait!r} is not 0..3600 seconds")
+
         return cls(
             upload_url=url,
             server_address=address,
@@ -131,6 +144,7 @@ class CloneSettings:
             content=content,
             compression=compression,
             metrics_addr=metrics,
+            connect_wait=connect_wait,
         )
 
 

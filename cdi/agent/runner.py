@@ -51,6 +51,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import shutil
 import signal
 import time
@@ -151,7 +152,9 @@ class AddressPool:
 
     def __init__(self) -> None:
         self._used: set[str] = set()
-        self._next = 0
+        # A random start: two servers on one machine (each with its own agent and pool) would
+        # otherwise hand out the same first addresses, and their pods' ports would collide.
+        self._next = random.randrange(self.SIZE)
 
     @staticmethod
     def _at(index: int) -> str:

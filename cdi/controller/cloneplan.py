@@ -295,7 +295,7 @@ async def plan_clone(
             DataVolumePhase.SNAPSHOT_FOR_SMART_CLONE_IN_PROGRESS,
             REASON_SNAPSHOT_NOT_READY,
             f"{text}: {error}" if error else text,
-            requeue=0.5,
+            requeue=5.0,  # the snapshot's own events wake the DataVolume (it owns the snapshot)
         )
     manifest["spec"]["dataSource"] = {
         "apiGroup": SNAPSHOT_GROUP,

@@ -2,7 +2,8 @@
 
 Owns, per target PVC annotated `k8s.io/CloneRequest: <ns>/<name>` (the primary key; the upload
 server on the target is `cdi.controller.uploading`'s), once the target is Bound and its upload
-server is ready (`storage.pod.ready`):
+server runs (`storage.pod.phase=Running`; the cloner waits until it listens, so the readiness
+probe's initial delay is not paid on every clone):
 
 * the source pod `<target uid>-source-pod` in the *source* namespace, running `cdi-cloner` with
   the source PVC mounted read-only at `/var/run/cdi/clone/source` (Filesystem) or as the device
@@ -91,6 +92,14 @@ def target_of_pod(pod: Mapping[str, Any]) -> list[Request]:
         return []
     namespace, _, name = target.partition("/")
     return [Request(namespace, name)]
+
+
+def _upload_server_runs(annotations: Mapping[str, str]) -> bool:
+    """The target's upload server is running (ready or not: the cloner waits for it to
+    listen, which saves the readiness probe's initial delay on every clone)."""
+    return annotations.get(ann.POD_READY) == "true" or (
+        annotations.get(ann.POD_PHASE) == PodPhase.RUNNING
+    )
 
 
 def _phase(pod: Mapping[str, Any]) -> str:
@@ -260,7 +269,7 @@ class CloneReconciler:
             pod = None
         if pod is not None and pod["metadata"].get("deletionTimestamp"):
             return Result(requeue_after=0.5)
-        if annotations.get(ann.POD_READY) != "true":
+        if not _upload_server_runs(annotations):
             if pod is not None:
                 return await self._mirror(pvc, pod)
             return Result()  # the upload reconciler's annotation change wakes us

@@ -26,6 +26,7 @@ from cdi.api.groups import (
     POD,
     STORAGE_CLASS,
     STORAGE_PROFILE,
+    VOLUME_SNAPSHOT,
 )
 from cdi.controller.cloneplan import snapshot_class_for
 from cdi.controller.cloning import CloneReconciler, target_of_pod
@@ -147,6 +148,8 @@ async def run_controllers(
         workers=WORKERS,
     )
     datavolumes.watch_owned(PERSISTENT_VOLUME_CLAIM, owner_kind=DATA_VOLUME.kind)
+    # A smart clone's temporary snapshot is owned by its DataVolume: ready -> create the claim.
+    datavolumes.watch_owned(VOLUME_SNAPSHOT, owner_kind=DATA_VOLUME.kind)
     imports = Controller(
         client,
         name="import",

@@ -550,6 +550,7 @@ def test_unreachable_server(tmp_path: Path) -> None:
         None,
         MOUNT_POINT=str(src),
         UPLOAD_URL=f"http://127.0.0.1:{port}/v1beta1/upload",
+        CLONE_CONNECT_WAIT="0.5",
     )
     assert result.code == 1
     assert f"cannot connect to the upload server at 127.0.0.1:{port}" in result.error
