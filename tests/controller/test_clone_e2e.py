@@ -27,6 +27,7 @@ from cdi.api.groups import (
     VOLUME_SNAPSHOT,
 )
 from cdi.controller.cloning import REASON_SOURCE_GONE
+from cdi.controller.datavolume import CLONE_PROGRESS_METRIC, read_progress
 from cdi.kube.client import Client
 from cdi.kube.errors import NotFound
 from tests.support.cdiserver import worker_processes
@@ -297,7 +298,7 @@ async def _slow_workers(client: Client) -> None:
 
     config = await eventually(config_status, within=20.0, what="the CDIConfig")
     config.setdefault("spec", {})["podResourceRequirements"] = {
-        "limits": {"cpu": "150m", "memory": "600M"},
+        "limits": {"cpu": "100m", "memory": "600M"},
         "requests": {"cpu": "10m", "memory": "60M"},
     }
     await client.replace(CDI_CONFIG, config)
@@ -305,7 +306,7 @@ async def _slow_workers(client: Client) -> None:
     async def applied() -> bool:
         current = await client.get(CDI_CONFIG, CDI_CONFIG_NAME)
         resources = (current.get("status") or {}).get("defaultPodResourceRequirements") or {}
-        return (resources.get("limits") or {}).get("cpu") == "150m"
+        return (resources.get("limits") or {}).get("cpu") == "100m"
 
     await eventually(applied, within=20.0, what="slow pod resources in the CDIConfig status")
 
@@ -332,20 +333,25 @@ def _worker_pids(data_dir: Path, command: str) -> list[int]:
 
 async def _kill_mid_stream(stack: Cluster, name: str, command: str) -> None:
     """SIGKILL the worker `command` once the clone `name` has sent some of its data (the
-    progress metric, as the DataVolume shows it, between 0 and 80%)."""
+    cloner's progress metric, read from its pod, between 0 and 80%)."""
+
+    dv = await stack.client.get(DATA_VOLUME, name, NS)
+    owner = str(dv["metadata"]["uid"])
 
     async def streaming() -> list[int] | None:
-        dv = await stack.client.get(DATA_VOLUME, name, NS)
-        status = dv.get("status") or {}
-        try:
-            percent = float(str(status.get("progress", "")).rstrip("%"))
-        except ValueError:
-            return None
-        if status.get("phase") != "CloneInProgress" or not 0 < percent < 80:
-            return None
-        return _worker_pids(stack.data_dir, command) or None
+        items, _ = await stack.client.list(
+            POD, NS, label_selector=f"{ann.LABEL_COMPONENT}={ann.LABEL_COMPONENT_CLONE_SOURCE}"
+        )
+        ips = [(p.get("status") or {}).get("podIP") for p in items]
+        for ip in filter(None, ips):
+            progress = await read_progress(str(ip), owner, metric=CLONE_PROGRESS_METRIC)
+            if progress is not None and 0 < float(progress.rstrip("%")) < 80:
+                return _worker_pids(stack.data_dir, command) or None
+        return None
 
-    pids = await eventually(streaming, within=CLONE_TIMEOUT, what=f"{command} streaming")
+    pids = await eventually(
+        streaming, within=CLONE_TIMEOUT, interval=0.05, what=f"{command} streaming"
+    )
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
