@@ -335,7 +335,7 @@ class CloneReconciler:
         assert pki.client_signer is not None
         pair = issue_client_cert(pki.client_signer, client_name)
         src_ns = str(source["metadata"]["namespace"])
-        secret = {
+        secret: Obj = {
             "apiVersion": SECRET.api_version,
             "kind": SECRET.kind,
             "metadata": {

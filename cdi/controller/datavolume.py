@@ -297,7 +297,7 @@ class DataVolumeReconciler:
     async def _clone_waiting(self, dv: Obj, plan: Waiting) -> Result:
         """A clone that cannot create its PVC yet (or ever: Failed): say why, once."""
         old: Mapping[str, Any] = dv.get("status") or {}
-        bound = next(
+        bound: Mapping[str, Any] = next(
             (c for c in old.get("conditions") or [] if c.get("type") == ConditionType.BOUND), {}
         )
         fresh = bound.get("message") != plan.message or old.get("phase") != plan.phase

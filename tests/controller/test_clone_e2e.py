@@ -15,6 +15,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cdi.api import annotations as ann
 from cdi.api.groups import (
     CDI_CONFIG,
@@ -39,6 +41,7 @@ from tests.support.dv import (
     disk_of,
     dv_in,
     dv_manifest,
+    volume_of,
 )
 
 MIB = 1 << 20
@@ -370,6 +373,7 @@ async def test_cloner_killed_mid_stream_retries(stack: Cluster) -> None:
     assert _sha256(src) == digest
 
 
+@pytest.mark.slow  # the cloner-killed case covers the retry in the default run
 async def test_upload_server_killed_mid_stream_retries(stack: Cluster) -> None:
     client = stack.client
     src, digest, size = await _big_source(client, "kill-src2")
@@ -424,3 +428,71 @@ async def test_content_type_mismatch_fails(stack: Cluster) -> None:
     dv = await dv_in(client, "as-archive", "Failed", "Succeeded", within=20.0)
     assert "content type" in conditions(dv)["Bound"]["message"]
     assert _sha256(src) == digest
+
+
+async def test_snapshot_source_restores(stack: Cluster) -> None:
+    """A DataVolume with `source.snapshot`: restored from a VolumeSnapshot the user took."""
+    client = stack.client
+    src, digest, size = await _source(client, "snapped")
+    snapshot = {
+        "apiVersion": VOLUME_SNAPSHOT.api_version,
+        "kind": VOLUME_SNAPSHOT.kind,
+        "metadata": {"name": "snap1", "namespace": NS},
+        "spec": {"source": {"persistentVolumeClaimName": "snapped"}},
+    }
+    await client.create(VOLUME_SNAPSHOT, snapshot, NS)
+    manifest = dv_manifest("restored", {"snapshot": {"namespace": NS, "name": "snap1"}}, size=None)
+    await client.create(DATA_VOLUME, manifest)
+    dv = await dv_in(client, "restored", "Succeeded", "Failed", within=CLONE_TIMEOUT)
+    assert dv["status"]["phase"] == "Succeeded", dv["status"]
+    pvc = await client.get(PERSISTENT_VOLUME_CLAIM, "restored", NS)
+    assert pvc["spec"]["dataSource"] == {
+        "apiGroup": "snapshot.storage.k8s.io",
+        "kind": "VolumeSnapshot",
+        "name": "snap1",
+    }
+    assert _sha256(await disk_of(client, "restored"), size) == digest
+    # the user's snapshot is theirs: kept
+    assert (await client.get(VOLUME_SNAPSHOT, "snap1", NS))["status"]["readyToUse"] is True
+    assert _sha256(src) == digest
+
+
+async def test_archive_content_cloned_as_a_tree(stack: Cluster) -> None:
+    client = stack.client
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": "files",
+            "namespace": NS,
+            "annotations": {ann.CONTENT_TYPE: "archive"},
+        },
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": "64Mi"}},
+        },
+    }
+    await client.create(PERSISTENT_VOLUME_CLAIM, pvc, NS)
+
+    async def bound() -> bool:
+        current = await client.get(PERSISTENT_VOLUME_CLAIM, "files", NS)
+        return (current.get("status") or {}).get("phase") == "Bound"
+
+    await eventually(bound, within=20.0, what="source PVC bound")
+    root = await volume_of(client, "files")
+    (root / "etc").mkdir()
+    (root / "etc" / "motd").write_text("cloned as a tree\n")
+    with (root / "sparse.bin").open("wb") as f:
+        f.seek(20 * MIB)
+        f.write(b"end")
+    manifest = clone_dv("files-copy", "files", size="64Mi")
+    manifest["spec"]["contentType"] = "archive"
+    await client.create(DATA_VOLUME, manifest)
+    dv = await dv_in(client, "files-copy", "Succeeded", "Failed", within=CLONE_TIMEOUT)
+    assert dv["status"]["phase"] == "Succeeded", dv["status"]
+    copy = await volume_of(client, "files-copy")
+    assert (copy / "etc" / "motd").read_text() == "cloned as a tree\n"
+    sparse = copy / "sparse.bin"
+    assert sparse.stat().st_size == 20 * MIB + 3
+    assert sparse.stat().st_blocks * 512 < MIB  # the hole stayed a hole
+    assert not (copy / "disk.img").exists()

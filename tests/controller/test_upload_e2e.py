@@ -308,7 +308,7 @@ async def test_block_upload_writes_the_device(uploads: Cluster, tmp_path: Path) 
     assert device.read_bytes()[: len(data)] == data
 
 
-@pytest.mark.parametrize("worker", ["stand-in", "real"])
+@pytest.mark.parametrize("worker", [pytest.param("stand-in", marks=pytest.mark.slow), "real"])
 async def test_deadline_replaces_pod_with_fresh_certificate(
     node: Cluster, tmp_path: Path, worker: str
 ) -> None:

@@ -136,7 +136,9 @@ def _converged(server: CdiServer, raw: Path) -> None:
     assert names(server, "pvc", NS) == [NAME]
 
 
-@pytest.mark.parametrize("route", ["scratch", "nbd"])
+# The nbd route and the SIGTERM variant are slow (~20 s each); the scratch SIGKILL case stays in
+# the default run, all three in `make test-slow`.
+@pytest.mark.parametrize("route", ["scratch", pytest.param("nbd", marks=pytest.mark.slow)])
 def test_sigkill_mid_import_converges(crash_server: CdiServer, tmp_path: Path, route: str) -> None:
     server = crash_server
     raw, www = _image(tmp_path, 16 * MIB)
@@ -167,6 +169,7 @@ def test_sigkill_mid_import_converges(crash_server: CdiServer, tmp_path: Path, r
         assert not _scratch_exists(server)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_import_converges(crash_server: CdiServer, tmp_path: Path) -> None:
     server = crash_server
     raw, www = _image(tmp_path, 16 * MIB)
