@@ -496,3 +496,20 @@ async def test_archive_content_cloned_as_a_tree(stack: Cluster) -> None:
     assert sparse.stat().st_size == 20 * MIB + 3
     assert sparse.stat().st_blocks * 512 < MIB  # the hole stayed a hole
     assert not (copy / "disk.img").exists()
+
+
+async def test_permissive_clone_takes_a_smaller_target(stack: Cluster) -> None:
+    """`permissiveClone` skips the size check: a source whose image is smaller than its claim
+    clones into a claim smaller than the source's."""
+    client = stack.client
+    src, _, _ = await _source(client, "roomy", size="64Mi")
+    with src.open("r+b") as f:
+        f.truncate(8 * MIB)  # the image uses an eighth of its volume
+    digest = _sha256(src)
+    manifest = clone_dv("tight", "roomy", size="16Mi")
+    manifest["metadata"]["annotations"][ann.PERMISSIVE_CLONE] = "true"
+    await client.create(DATA_VOLUME, manifest)
+    dv = await dv_in(client, "tight", "Succeeded", "Failed", within=CLONE_TIMEOUT)
+    assert dv["status"]["phase"] == "Succeeded", dv["status"]
+    assert _sha256(await disk_of(client, "tight"), 8 * MIB) == digest
+    assert _sha256(src) == digest
