@@ -74,8 +74,14 @@ test-slow: deps-test
 run: deps
 	$(VENV)/bin/cdi server --data-dir .cdi
 
-bench: deps-test
+# xfsprogs: bench/clone.py measures snapshot clones on a loop-mounted reflink XFS too.
+bench: deps-test $(STAMPS)/debian-bench
 	$(VPY) bench/run.py
+
+$(STAMPS)/debian-bench: Makefile
+	@dpkg-query -W -f='$${Status}\n' xfsprogs 2>/dev/null | grep -q 'install ok installed' || \
+		{ $(APT) update -q && $(APT) install -y -q --no-install-recommends xfsprogs; }
+	@touch $@
 
 clean:
 	rm -rf $(STAMPS) $(VENV) .mypy_cache .ruff_cache
