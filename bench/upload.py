@@ -17,23 +17,38 @@ sparse; `--quick`: 256 MiB / 128 MiB in 8 MiB extents), as raw and as qcow2 (`qe
 - **(c) floor**: `curl -T FILE file:///.../out.raw`: curl reading the image and writing a file,
   no network, no fsync. The fsync of that file is timed right after it and shown as `c+fsync`
   (the upload server fsyncs the volume before it answers, so that is the durable floor).
+- **(d) sink**: (b)'s curl command line (same flags, client certificate, file, `-T -X POST` to
+  `/v1beta1/upload`) into a receiver that does nothing with the bytes: a Python process
+  (`python -c`, a blocking `ssl` socket on 127.0.0.1, Python's default server context: TLS
+  1.3/1.2) with (b)'s server certificate, requiring a client certificate and verifying it
+  against (b)'s client CA, so the handshake costs the same. It parses the request head, answers
+  `Expect: 100-continue`, reads exactly Content-Length bytes with `recv_into` a 1 MiB buffer
+  (a chunked body would be decoded; curl sends none for a regular file), discards them,
+  answers 200 and exits. It is the network floor: TLS, loopback TCP and curl's reading of the
+  file. (c) has no network, and curl's TLS upload costs far more than its file copy (the 2 GiB
+  raw image on a 2-CPU VM: ~1.7 s into this sink, ~0.9 s for (c), curl busy all along in
+  both), so (c) alone cannot tell how far the upload server is from what curl itself allows;
+  b/d and a/d can. Its CPU is what it reports itself, from accept() to its exit.
 - **convert** (qcow2 only): `qemu-img convert -t none -W -f qcow2 -O raw` of a local copy, what
   the upload server runs after it wrote the body to scratch; `c + convert` is the qcow2 floor.
 
-Wall time is curl's (for (a) and (b): request sent -> answer received). While curl runs, the
+Wall time is curl's (for (a), (b) and (d): request sent -> answer received). While curl runs, the
 proxy, the upload server process (found in /proc by its command line and its environment, which
 names our data dir) and `cdi server` are sampled every 20 ms: CPU time (utime+stime, and the
 children it reaped: qemu-img), VmRSS and VmHWM. The host's busy CPU and what other processes
 used meanwhile are recorded too (the machine may be shared). Each uploaded volume is compared
-with the raw image (`qemu-img compare`) once per format and method; a wrong image is an error.
+with the raw image (`qemu-img compare`) once per format and method; a wrong image is an error
+(the sink must have received as many bytes as the file holds).
 `--repeat N` runs each measurement N times in alternating order; tables show best/median,
 ratios of best times.
 
 Targets (from the issue): the proxy adds <= 15% over direct (a/b <= 1.15, both formats); a raw
 upload <= 1.3x the floor (a/c, through the proxy; b/c is shown too); proxy RSS <= 80 MiB (its
-VmHWM over the whole run, whatever the size). For scale: CDI's upload server took 2.05 s (raw) and
-2.17 s (qcow2) for this size on this kind of machine, without its proxy. Missed targets are
-reported as MISS; the exit status is 1 only when a measurement failed.
+VmHWM over the whole run, whatever the size). Not targets, shown for information: the raw
+upload direct and through the proxy over the TLS network floor (b/d, a/d). For scale: CDI's
+upload server took 2.05 s (raw) and 2.17 s (qcow2) for this size on this kind of machine,
+without its proxy. Missed targets are reported as MISS; the exit status is 1 only when a
+measurement failed.
 
 Run alone: `.venv/bin/python bench/upload.py [--quick] [--keep] [--repeat N] [--profile]`
 (`--profile`: after the measurements, one extra upload per format through the proxy, not
@@ -91,7 +106,9 @@ CLIENT_NAME = "client.upload-server.cdi.kubevirt.io"
 DIRECT_HOST = "cdi-upload-bench.default.svc"
 """The name in the direct upload server's certificate; curl --resolve maps it to 127.0.0.1."""
 FORMATS = ("raw", "qcow2")
-METHODS = ("proxy", "direct", "floor", "convert")
+METHODS = ("proxy", "direct", "sink", "floor", "convert")
+UNVERIFIED = ("sink", "floor")
+"""Methods that leave no volume to compare with the image."""
 PROXY_OVER_DIRECT = 1.15
 RAW_OVER_FLOOR = 1.3
 PROXY_RSS_TARGET = 80 * MIB
@@ -107,6 +124,93 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 SERVER_MARKERS = (b"cdi-uploadserver", b"importer.uploadserver")
 SERVING = re.compile(r"serving addr=https?://[^\s:]+:(\d+)")
+SINK_LISTENING = re.compile(r"sink listening on 127\.0\.0\.1:(\d+)")
+SINK_SCRIPT = r"""
+# The (d) sink of bench/upload.py: one HTTPS request, the body read and thrown away.
+import json, socket, ssl, sys, time
+
+cert, key, client_ca, client_name = sys.argv[1:5]
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+ctx.load_cert_chain(cert, key)
+ctx.load_verify_locations(cafile=client_ca)
+ctx.verify_mode = ssl.CERT_REQUIRED
+listener = socket.create_server(("127.0.0.1", 0))
+print(f"sink listening on 127.0.0.1:{listener.getsockname()[1]}", flush=True)
+raw, _ = listener.accept()
+cpu0 = time.process_time()
+conn = ctx.wrap_socket(raw, server_side=True)
+listener.close()
+subject = dict(x[0] for x in conn.getpeercert()["subject"])
+if subject.get("commonName") != client_name:
+    sys.exit(f"client certificate for {subject}, not {client_name}")
+
+
+def line():
+    found = bytearray()
+    while not found.endswith(b"\r\n"):
+        byte = conn.recv(1)
+        if not byte or len(found) > 65536:
+            sys.exit("connection closed or line too long in the request head")
+        found += byte
+    return bytes(found[:-2])
+
+
+buf = bytearray(1 << 20)
+view = memoryview(buf)
+
+
+def drain(n):
+    while n:
+        got = conn.recv_into(view, min(n, len(buf)))
+        if not got:
+            sys.exit(f"connection closed with {n} body bytes still to come")
+        n -= got
+
+
+request = line().decode("latin-1")
+headers = {}
+while head := line():
+    name, _, value = head.decode("latin-1").partition(":")
+    headers[name.strip().lower()] = value.strip()
+if headers.get("expect", "").lower() == "100-continue":
+    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+received = 0
+if chunked:
+    while size := int(line().split(b";")[0], 16):
+        drain(size)
+        received += size
+        line()
+    while line():  # trailers
+        pass
+else:
+    received = int(headers.get("content-length", "0"))
+    drain(received)
+body = b"Upload Complete"
+conn.sendall(
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    + body
+)
+tls = f"{conn.version()} {conn.cipher()[0]}"
+conn.close()
+report = {
+    "request": request,
+    "received": received,
+    "chunked": chunked,
+    "expect_100": "expect" in headers,
+    "tls": tls,
+    "cpu_s": time.process_time() - cpu0,
+}
+with open("/proc/self/status") as status:
+    for text in status:
+        if text.startswith("VmHWM:"):
+            report["hwm"] = int(text.split()[1]) * 1024
+print(json.dumps(report), flush=True)
+"""
+"""The (d) sink, run as `python -c`: see the docstring. It reports, on its last stdout line,
+what it received and its CPU seconds from accept() to the end (exact, where /proc sampling
+misses the last few ms of a process that exits as soon as it answered)."""
 
 Obj = dict[str, Any]
 
@@ -733,6 +837,9 @@ class Run:
     verified: bool = False
     setup_s: float | None = None
     """proxy: DataVolume created -> UploadReady."""
+    sink: Obj | None = None
+    """sink only: its report (request line, bytes received, chunked or not, whether curl sent
+    `Expect: 100-continue`, TLS version and cipher, CPU seconds, VmHWM at the end)."""
 
     @property
     def ok(self) -> bool:
@@ -973,6 +1080,79 @@ def run_direct(ctx: Context, fmt_: str, index: int) -> Run:
     return run
 
 
+def run_sink(ctx: Context, fmt_: str, index: int) -> Run:
+    """(b)'s curl command line into a receiver that throws the body away (SINK_SCRIPT)."""
+    run = Run("sink", fmt_, index)
+    label = f"sink-{fmt_}-{index}"
+    pki = ctx.pki
+    source = ctx.images / f"disk.{fmt_}"
+    out = ctx.logdir / f"{label}.server.out"
+    args = [str(pki.server_cert), str(pki.server_key), str(pki.client_ca), CLIENT_NAME]
+    sink = spawn(
+        [sys.executable, "-c", SINK_SCRIPT, *args],
+        out,
+        ctx.logdir / f"{label}.server.err",
+        clean_env(),
+        ctx.logdir,
+    )
+    try:
+        port = int(wait_for_line(out, SINK_LISTENING, sink, "sink", 30)[1])
+        argv = [
+            *curl_base(),
+            "--cacert",
+            str(pki.server_ca),
+            "--cert",
+            str(pki.client_cert),
+            "--key",
+            str(pki.client_key),
+            "--resolve",
+            f"{DIRECT_HOST}:{port}:127.0.0.1",
+            "-T",
+            str(source),
+            "-X",
+            "POST",
+            "-o",
+            str(ctx.logdir / f"{label}.body"),
+            f"https://{DIRECT_HOST}:{port}/v1beta1/upload",
+        ]
+        os.sync()
+        with Measured() as host, ProcWatch({"server": sink.pid}) as watch:
+            timed = run_timed(
+                argv, label=label, logdir=ctx.logdir, timeout=ctx.timeout, env=clean_env()
+            )
+        host.finish(run)
+        run.procs = watch.usage
+        run.curl_cpu_s = timed.cpu_s
+        run.error = timed.error
+        if run.error is None:
+            run.wall_s = timed.wall_s
+            answer = curl_answer(ctx.logdir, label)
+            if answer != "Upload Complete":
+                run.error = f"unexpected answer {answer!r}"
+        try:
+            code = sink.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            code = None
+        lines = _read(str(out)).decode(errors="replace").strip().splitlines()
+        with contextlib.suppress(IndexError, ValueError):
+            run.sink = json.loads(lines[-1])
+        if run.sink is not None:
+            usage = run.procs["server"]
+            usage.cpu_s = usage.main_thread_cpu_s = float(run.sink["cpu_s"])
+            usage.hwm = max(usage.hwm, int(run.sink.get("hwm", 0)))
+        if run.error is None:
+            if code != 0 or run.sink is None:
+                err = _read(str(ctx.logdir / f"{label}.server.err")).decode(errors="replace")
+                run.error = f"sink exited with {code}: {err.strip()[-300:]}"
+            elif run.sink["received"] != source.stat().st_size:
+                run.error = f"sink received {run.sink['received']} bytes"
+    except BenchError as err:
+        run.error = run.error or str(err)
+    finally:
+        stop_process(sink, "sink", 5)
+    return run
+
+
 def run_floor(ctx: Context, fmt_: str, index: int) -> Run:
     run = Run("floor", fmt_, index)
     label = f"floor-{fmt_}-{index}"
@@ -1042,6 +1222,7 @@ def run_convert(ctx: Context, fmt_: str, index: int) -> Run:
 RUNNERS: dict[str, Callable[[Context, str, int], Run]] = {
     "proxy": run_proxy,
     "direct": run_direct,
+    "sink": run_sink,
     "floor": run_floor,
     "convert": run_convert,
 }
@@ -1220,8 +1401,8 @@ def _bm(result: FormatResult, method: str) -> str:
 
 
 def main_table(results: Sequence[FormatResult]) -> str:
-    headers = ["format", "(a) proxy s", "(b) direct s", "(c) floor s", "c+fsync s"]
-    headers += ["a/b", "b/c", "a/c", "proxy RSS", "server RSS", "CDI s"]
+    headers = ["format", "(a) proxy s", "(b) direct s", "(c) floor s", "c+fsync s", "(d) sink s"]
+    headers += ["a/b", "b/c", "a/c", "b/d", "a/d", "proxy RSS", "server RSS", "CDI s"]
     rows = []
     for r in results:
         rows.append(
@@ -1231,9 +1412,12 @@ def main_table(results: Sequence[FormatResult]) -> str:
                 _bm(r, "direct"),
                 _bm(r, "floor"),
                 fmt(r.floor_synced()),
+                _bm(r, "sink"),
                 _x(r.ratio("proxy", "direct")),
                 _x(r.ratio("direct", "floor")),
                 _x(r.ratio("proxy", "floor")),
+                _x(r.ratio("direct", "sink")),
+                _x(r.ratio("proxy", "sink")),
                 _mib(r.peak("proxy", "proxy")),
                 _mib(
                     max(
@@ -1321,6 +1505,31 @@ def check_targets(results: Sequence[FormatResult], proxy_hwm: int | None) -> lis
     return checks
 
 
+def info_ratios(results: Sequence[FormatResult]) -> list[dict[str, Any]]:
+    """Not targets: raw uploads over the TLS network floor (d), what curl itself allows."""
+    found: list[dict[str, Any]] = []
+    for r in results:
+        if r.fmt != "raw":
+            continue
+        for num, what in (("direct", "direct"), ("proxy", "via the proxy")):
+            ratio = f"{'b' if num == 'direct' else 'a'}/d"
+            found.append(
+                {
+                    "info": f"raw: {what} over the TLS network floor ({ratio})",
+                    "value": r.ratio(num, "sink"),
+                }
+            )
+    return found
+
+
+def info_text(infos: Sequence[dict[str, Any]]) -> str:
+    lines = []
+    for i in infos:
+        shown = "not measured" if i["value"] is None else f"{i['value']:.2f}x"
+        lines.append(f"  info  {i['info']:52} {shown}   (not a target)")
+    return "\n".join(lines)
+
+
 def targets_text(checks: Sequence[dict[str, Any]]) -> str:
     lines = []
     for c in checks:
@@ -1337,7 +1546,10 @@ def targets_text(checks: Sequence[dict[str, Any]]) -> str:
 
 
 def to_json(
-    results: Sequence[FormatResult], checks: Sequence[dict[str, Any]], meta: dict[str, Any]
+    results: Sequence[FormatResult],
+    checks: Sequence[dict[str, Any]],
+    infos: Sequence[dict[str, Any]],
+    meta: dict[str, Any],
 ) -> dict[str, Any]:
     formats = []
     for r in results:
@@ -1355,6 +1567,8 @@ def to_json(
                 "proxy_over_direct": r.ratio("proxy", "direct"),
                 "direct_over_floor": r.ratio("direct", "floor"),
                 "proxy_over_floor": r.ratio("proxy", "floor"),
+                "direct_over_sink": r.ratio("direct", "sink"),
+                "proxy_over_sink": r.ratio("proxy", "sink"),
                 "floor_with_fsync_s": r.floor_synced(),
                 "proxy_peak_rss_mib": _div(r.peak("proxy", "proxy")),
                 "server_peak_rss_mib": {
@@ -1364,7 +1578,7 @@ def to_json(
                 "methods": methods,
             }
         )
-    return {**meta, "formats": formats, "targets": list(checks)}
+    return {**meta, "formats": formats, "targets": list(checks), "info": list(infos)}
 
 
 def _div(value: int | None) -> float | None:
@@ -1463,7 +1677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     stack=stack,
                     pki=pki,
                     timeout=args.timeout,
-                    verify={(m, f) for m in METHODS if m != "floor" for f in FORMATS},
+                    verify={(m, f) for m in METHODS if m not in UNVERIFIED for f in FORMATS},
                 )
                 for fmt_ in args.formats:
                     result = FormatResult(fmt_, (images / f"disk.{fmt_}").stat().st_size)
@@ -1491,6 +1705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not results:
         return 1
     checks = check_targets(results, proxy_hwm)
+    infos = info_ratios(results)
     errors = [e for r in results for e in r.errors()] + notes
     mode = "quick" if args.quick else "full"
     print(
@@ -1502,9 +1717,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         "\n(a) curl -> cdi-uploadproxy (TLS) -> upload server pod (mutual TLS); (b) curl -> "
         "cdi-uploadserver (mutual TLS);\n(c) curl -T FILE file://...; c+fsync: plus fsync of "
-        "that file. proxy RSS: the proxy's peak while uploading;\nserver RSS: the upload server "
-        "process's own peak (VmHWM), max of (a) and (b). CDI s: CDI's upload server, from the "
-        "issue."
+        "that file; (d) (b)'s curl into a Python receiver that discards\nthe body (mutual TLS, "
+        "same certificates): the TLS network floor. proxy RSS: the proxy's peak while uploading;"
+        "\nserver RSS: the upload server process's own peak (VmHWM), max of (a) and (b). CDI s: "
+        "CDI's upload server, from the issue."
     )
     for r in results:
         conv, floor, direct = r.best("convert"), r.best("floor"), r.best("direct")
@@ -1519,7 +1735,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "\nCPU seconds while curl ran (fastest run of each; loop/thread: the server's event-loop"
         " thread\n(TLS, HTTP, reading the body) / its busiest other thread (pipeline, writer);"
         f" qemu-img: children it reaped;\nhost busy: all CPUs (at most {os.cpu_count()} x"
-        " wall); foreign: other processes on the machine meanwhile):"
+        " wall); foreign: other processes on the machine meanwhile;\nsink: server is the sink"
+        " process, from accept() to its exit):"
     )
     print(cpu_table(results))
     idle = _mib(proxy_idle)
@@ -1529,6 +1746,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print("\ntargets:")
     print(targets_text(checks))
+    if infos:
+        print(info_text(infos))
     for fmt_, procs in profiles.items():
         for name, views in procs.items():
             for view, rows in views.items():
@@ -1560,7 +1779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     OUT_DIR.mkdir(exist_ok=True)
     out = OUT_DIR / "upload.json"
-    out.write_text(json.dumps(to_json(results, checks, meta), indent=2) + "\n")
+    out.write_text(json.dumps(to_json(results, checks, infos, meta), indent=2) + "\n")
     print(f"\nwrote {out.relative_to(REPO)} ({total_s:.0f} s)")
     return 1 if failed or errors else 0
 
