@@ -44,7 +44,7 @@ from cdi.kubeapi.registry import CRD_KEY
 from cdi.kubeapi.store import Store
 from cdi.provisioner import run_provisioner
 from uploadproxy.app import make_app as make_proxy_app
-from uploadproxy.settings import ProxySettings, ResolveMode
+from uploadproxy.settings import READY_WAIT_SECONDS, ProxySettings, ResolveMode
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ class ServerSettings:
     """Seconds an upload token (UploadTokenRequest) is valid: CDI's 5 minutes by default."""
     upload_proxy: bool = True
     """Serve the upload proxy (what `cdi image-upload` and virtctl send images to)."""
+    upload_proxy_ready_wait: float = READY_WAIT_SECONDS
+    """Seconds the upload proxy waits for a PVC's upload server to be ready before its 503
+    (CDI's 10)."""
     upload_proxy_port: int | None = None
     """Its port: 8443 by default, a free one when the API's `port` is 0 (tests run several
     servers side by side)."""
@@ -121,6 +124,13 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--no-upload-proxy", action="store_true", help="no upload proxy")
     parser.add_argument(
+        "--upload-proxy-ready-wait",
+        type=float,
+        default=READY_WAIT_SECONDS,
+        metavar="SECONDS",
+        help="how long the upload proxy waits for an upload server to be ready [10, as CDI]",
+    )
+    parser.add_argument(
         "--upload-token-lifetime",
         type=int,
         default=UPLOAD_TOKEN_LIFETIME_SECONDS,
@@ -143,6 +153,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         upload_proxy=not args.no_upload_proxy,
         upload_token_lifetime=args.upload_token_lifetime,
         upload_proxy_port=args.upload_proxy_port,
+        upload_proxy_ready_wait=args.upload_proxy_ready_wait,
     )
 
 
@@ -260,6 +271,7 @@ async def _start_upload_proxy(
     proxy_settings = ProxySettings(
         namespace=CDI_NAMESPACE,
         resolve=ResolveMode.POD_IP if settings.local_node else ResolveMode.SERVICE,
+        ready_wait=settings.upload_proxy_ready_wait,
     )
     runner = web.AppRunner(make_proxy_app(proxy_settings, client), access_log=None)
     await runner.setup()

@@ -20,7 +20,7 @@ import os
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -48,8 +48,10 @@ Obj = dict[str, Any]
 # --- fixtures -------------------------------------------------------------------------------
 
 
-def _whole_server(data_dir: Path) -> Iterator[CdiServer]:
-    yield from running_server(data_dir, controllers=True, start_timeout=START_TIMEOUT)
+def _whole_server(data_dir: Path, extra_args: Sequence[str] = ()) -> Iterator[CdiServer]:
+    yield from running_server(
+        data_dir, controllers=True, start_timeout=START_TIMEOUT, extra_args=extra_args
+    )
     # Stopped (SIGTERM): nothing any pod of it started may be left. What is (a test failed
     # with the server killed) is killed here, so that it does not outlive the test, and the
     # teardown fails.
@@ -70,6 +72,15 @@ def _whole_server(data_dir: Path) -> Iterator[CdiServer]:
 @pytest.fixture(scope="module")
 def full_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CdiServer]:
     yield from _whole_server(tmp_path_factory.mktemp("cdi-e2e") / "data")
+
+
+@pytest.fixture(scope="module")
+def quick_refusing_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CdiServer]:
+    """`full_server` whose upload proxy waits 2 s, not CDI's 10, for an upload server before
+    its 503: for tests of refusals, which would otherwise wait the full 10 s each."""
+    yield from _whole_server(
+        tmp_path_factory.mktemp("cdi-e2e") / "data", ("--upload-proxy-ready-wait", "2")
+    )
 
 
 @pytest.fixture

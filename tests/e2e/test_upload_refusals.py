@@ -17,12 +17,19 @@ import time
 from pathlib import Path
 from typing import Final
 
+import pytest
+
 from cdi.api import jwt
 from tests.e2e.conftest import annotations_of, disk_path, get_json, volume_dir
 from tests.support.cdiserver import CdiServer, poll
 from tests.support.images import MIB, same_image
 
 READY_TIMEOUT: Final = 60.0
+
+
+@pytest.fixture(scope="module")
+def full_server(quick_refusing_server: CdiServer) -> CdiServer:
+    return quick_refusing_server
 
 
 def _proxy(server: CdiServer) -> tuple[str, int]:

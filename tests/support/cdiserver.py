@@ -290,11 +290,17 @@ class CdiServer:
 
 
 def running_server(
-    data_dir: Path, *, controllers: bool = False, start_timeout: float = START_TIMEOUT
+    data_dir: Path,
+    *,
+    controllers: bool = False,
+    start_timeout: float = START_TIMEOUT,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[CdiServer]:
     """A started `CdiServer` over `data_dir` for a fixture to yield; stopped (however it is) at
     the end, and then it must be gone."""
-    server = CdiServer(data_dir, controllers=controllers, start_timeout=start_timeout)
+    server = CdiServer(
+        data_dir, controllers=controllers, start_timeout=start_timeout, extra_args=extra_args
+    )
     server.start()
     try:
         yield server
