@@ -30,6 +30,7 @@ from cdi.api.groups import (
 )
 from cdi.controller.cloning import REASON_SOURCE_GONE
 from cdi.controller.datavolume import CLONE_PROGRESS_METRIC, read_progress
+from cdi.controller.manager import run_controllers
 from cdi.kube.client import Client
 from cdi.kube.errors import NotFound
 from tests.support.cdiserver import worker_processes
@@ -43,6 +44,7 @@ from tests.support.dv import (
     dv_manifest,
     volume_of,
 )
+from tests.support.stack import LOOP_STOP_TIMEOUT, running_controllers
 
 MIB = 1 << 20
 CLONE_TIMEOUT = 60.0
@@ -513,3 +515,43 @@ async def test_permissive_clone_takes_a_smaller_target(stack: Cluster) -> None:
     assert dv["status"]["phase"] == "Succeeded", dv["status"]
     assert _sha256(await disk_of(client, "tight"), 8 * MIB) == digest
     assert _sha256(src) == digest
+
+
+async def test_restarted_controllers_converge_on_one_source_pod(node: Cluster) -> None:
+    """The controllers stopped and started again four times during a copy: one source pod and
+    one upload pod at a time (no duplicates), the right bytes at the end."""
+    client = node.client
+    async with running_controllers(client):
+        src, digest, size = await _big_source(client, "restart-src")
+        await _slow_workers(client)
+    pods_seen: dict[str, set[str]] = {}
+
+    async def spy() -> None:
+        while True:
+            items, _ = await client.list(POD, NS)
+            for p in items:
+                pods_seen.setdefault(str(p["metadata"]["name"]), set()).add(
+                    str(p["metadata"]["uid"])
+                )
+            await asyncio.sleep(0.05)
+
+    spying = asyncio.create_task(spy())
+    try:
+        await client.create(DATA_VOLUME, clone_dv("restarted", "restart-src"))
+        for delay in (0.4, 0.8, 1.5, 1.0):
+            stop = asyncio.Event()
+            task = asyncio.create_task(run_controllers(client, stop=stop, local=True))
+            await asyncio.sleep(delay)
+            stop.set()
+            await asyncio.wait_for(task, LOOP_STOP_TIMEOUT)
+        async with running_controllers(client):
+            dv = await dv_in(client, "restarted", "Succeeded", "Failed", within=CLONE_TIMEOUT * 2)
+    finally:
+        spying.cancel()
+    assert dv["status"]["phase"] == "Succeeded", dv["status"]
+    assert _sha256(await disk_of(client, "restarted"), size) == digest
+    assert _sha256(src) == digest
+    workers = {n: uids for n, uids in pods_seen.items() if n.endswith("source-pod")}
+    workers |= {n: uids for n, uids in pods_seen.items() if n.startswith("cdi-upload-")}
+    assert workers, pods_seen
+    assert all(len(uids) == 1 for uids in workers.values()), workers
