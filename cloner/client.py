@@ -24,6 +24,13 @@ import aiohttp
 from yarl import URL
 
 from cdi.api import CloneContentType, env
+from cdi.api.clonestream import (
+    COMPRESSION_HEADER,
+    CONTENT_TYPE_HEADER,
+    ENCODING_HEADER,
+    EXTENTS_V1,
+    PREALLOCATION_HEADER,
+)
 from cloner.errors import CloneError, SettingsError
 from cloner.settings import CloneSettings, Compression, Content, Tls
 from cloner.stream import Body
@@ -31,11 +38,6 @@ from cloner.stream import Body
 log = logging.getLogger(__name__)
 
 # The headers of a clone stream; the receiver (importer/upload/clone.py) spells them the same.
-CONTENT_TYPE_HEADER: Final = "x-cdi-content-type"  # CDI's: the receiver's dispatch
-ENCODING_HEADER: Final = "x-cdi-clone-encoding"  # ours: the extent stream, not raw bytes
-COMPRESSION_HEADER: Final = "x-cdi-clone-compression"  # ours: zstd
-PREALLOCATION_HEADER: Final = "x-cdi-preallocation"  # ours: informational, the target decides
-EXTENTS_V1: Final = "extents-v1"
 
 CONNECT_TIMEOUT: Final = 30.0
 LISTEN_POLL: Final = 0.1

@@ -1,14 +1,4 @@
-"""The sparse extent stream (`x-cdi-clone-encoding: extents-v1`): a volume's data, not its holes.
-
-    header   8 bytes b"CDIEXT01", then the source's total size (u64 big-endian)
-    record   offset (u64 BE), length (u64 BE), then `length` bytes of data
-             offsets strictly increasing, records never overlap nor pass the total
-    end      a record with offset = the total size and length 0
-
-Whatever no record covers reads as zeros on the target. The end marker lets the receiver tell a
-complete stream from one cut short at a record boundary. The receiver is
-importer/upload/clone.py; workers never import each other, so the format is written in both
-places and the tests hold the two together.
+"""Reading a volume as the sparse extent stream (`cdi.api.clonestream`): its data, not its holes.
 
 Reading: on a regular file the data ranges come from SEEK_DATA/SEEK_HOLE, so holes cost nothing;
 inside data (and on devices, where every byte is "data") all-zero blocks of ZERO_BLOCK bytes are
@@ -20,15 +10,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import struct
 from collections.abc import Callable, Iterator
 from typing import Final
 
+from cdi.api.clonestream import end_marker, record_header, stream_header
 from cloner.errors import CloneError
 
-MAGIC: Final = b"CDIEXT01"
-HEADER: Final = struct.Struct(">8sQ")
-RECORD: Final = struct.Struct(">QQ")
 READ_SIZE: Final = 4 << 20
 ZERO_BLOCK: Final = 64 << 10
 
@@ -36,18 +23,6 @@ _ZERO_READ = bytes(READ_SIZE)
 _ZERO_BLOCK = bytes(ZERO_BLOCK)
 
 Progress = Callable[[int], None]
-
-
-def stream_header(total: int) -> bytes:
-    return HEADER.pack(MAGIC, total)
-
-
-def record_header(offset: int, length: int) -> bytes:
-    return RECORD.pack(offset, length)
-
-
-def end_marker(total: int) -> bytes:
-    return RECORD.pack(total, 0)
 
 
 def source_size(fd: int) -> int:

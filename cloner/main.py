@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Final
 
 from cdi.api import MESSAGE_CLONE_COMPLETE, encode_failure, env
+from cdi.image.metricsserver import MetricsServer
 from cloner.client import ClientTls, clone_headers, send
 from cloner.errors import EXIT_FAILED, EXIT_SETTINGS, CloneError, SettingsError
-from cloner.metrics import CloneProgress, MetricsServer
+from cloner.metrics import CloneProgress
 from cloner.settings import CDI_LOG_LEVEL, CloneSettings, Compression, Content
 from cloner.stream import ArchiveSource, Body, Counts, DiskSource, Source, zstd_chunks
 
@@ -136,7 +137,7 @@ def run(settings: CloneSettings, tls: ClientTls | None) -> int:
     if settings.metrics_addr is not None:
         host, port = settings.metrics_addr
         try:
-            metrics = MetricsServer(progress, host, port)
+            metrics = MetricsServer(progress.registry, host, port)
         except OSError as err:
             # Best effort, as for the importer: progress shows N/A, the clone goes on.
             log.warning("metrics not served addr=%s:%d error=%s", host, port, err)

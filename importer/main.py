@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from cdi.api import MESSAGE_SCRATCH_REQUIRED, TerminationMessage, encode_failure, env
+from cdi.image.metricsserver import MetricsServer
 from importer.errors import ImporterError, ProcessingError, ScratchSpaceRequired
-from importer.metrics import ImportProgress, MetricsServer
+from importer.metrics import ImportProgress
 from importer.pipeline import run_import
 from importer.settings import ImporterSettings, parse_listen_address
 
@@ -86,7 +87,7 @@ def run(settings: ImporterSettings) -> int:
     if settings.metrics_addr:
         host, port = parse_listen_address(settings.metrics_addr)
         try:
-            metrics = MetricsServer(progress, host, port)
+            metrics = MetricsServer(progress.registry, host, port)
         except OSError as err:
             # As CDI's importer: the metrics endpoint is best effort (progress shows N/A), and
             # an address in use must not fail the import, let alone as a traceback.

@@ -25,15 +25,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Final
 
-from cdi.api import DataVolumePhase, VolumeMode, parse_size
+from cdi.api import VolumeMode, parse_size
 from cdi.api import annotations as ann
 from cdi.api.groups import DATA_VOLUME, PERSISTENT_VOLUME_CLAIM
 from cdi.api.phases import CloneStrategy
 from cdi.api.quantity import QuantityError
 from cdi.cli.cluster import EXIT_OK, add_api_options, duration_arg, fail, run_command
-from cdi.cli.datavolumes import UsageError, access_mode_arg, size_arg
-from cdi.cli.progress import display_for
-from cdi.cli.waiting import Goal, wait_for
+from cdi.cli.datavolumes import UsageError, access_mode_arg, size_arg, wait_until_succeeded
 from cdi.controller.rendering import validate_datavolume
 from cdi.kube.client import Client
 from cdi.kube.errors import Forbidden, NotFound
@@ -270,21 +268,7 @@ def run_clone(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> i
         print(f"datavolume/{name} created", flush=True)
         if not args.wait:
             return EXIT_OK
-        goal = Goal(f"be {DataVolumePhase.SUCCEEDED}", phase=DataVolumePhase.SUCCEEDED)
-        with display_for(sys.stdout, name=name, size=size) as display:
-            outcome = await wait_for(
-                client,
-                namespace,
-                name,
-                goal,
-                limit=args.timeout,
-                on_update=display.update,
-                absent_fails=True,
-            )
-        if outcome.state == "met":
-            print(f"datavolume/{name} {DataVolumePhase.SUCCEEDED}", flush=True)
-            return EXIT_OK
-        return fail(outcome.explain(name, goal, args.timeout))
+        return await wait_until_succeeded(client, namespace, name, size=size, limit=args.timeout)
 
     def interrupted() -> int:
         if not created:

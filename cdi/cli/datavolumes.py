@@ -348,21 +348,7 @@ def run_import(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> 
         print(f"datavolume/{name} created", flush=True)
         if not args.wait:
             return EXIT_OK
-        goal = Goal(f"be {DataVolumePhase.SUCCEEDED}", phase=DataVolumePhase.SUCCEEDED)
-        with display_for(sys.stdout, name=name, size=size) as display:
-            outcome = await wait_for(
-                client,
-                namespace,
-                name,
-                goal,
-                limit=args.timeout,
-                on_update=display.update,
-                absent_fails=True,
-            )
-        if outcome.state == "met":
-            print(f"datavolume/{name} {DataVolumePhase.SUCCEEDED}", flush=True)
-            return EXIT_OK
-        return fail(outcome.explain(name, goal, args.timeout))
+        return await wait_until_succeeded(client, namespace, name, size=size, limit=args.timeout)
 
     def interrupted() -> int:
         if not created:
@@ -373,6 +359,28 @@ def run_import(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> 
         )
 
     return run_command(args, command, on_interrupt=interrupted)
+
+
+async def wait_until_succeeded(
+    client: Client, namespace: str | None, name: str, *, size: int, limit: float | None
+) -> int:
+    """`--wait` of the commands that create a DataVolume: its progress shown until Succeeded
+    (exit 0), else one line saying why (Failed, gone, or `limit` seconds passed)."""
+    goal = Goal(f"be {DataVolumePhase.SUCCEEDED}", phase=DataVolumePhase.SUCCEEDED)
+    with display_for(sys.stdout, name=name, size=size) as display:
+        outcome = await wait_for(
+            client,
+            namespace,
+            name,
+            goal,
+            limit=limit,
+            on_update=display.update,
+            absent_fails=True,
+        )
+    if outcome.state == "met":
+        print(f"datavolume/{name} {DataVolumePhase.SUCCEEDED}", flush=True)
+        return EXIT_OK
+    return fail(outcome.explain(name, goal, limit))
 
 
 def run_wait(args: argparse.Namespace) -> int:

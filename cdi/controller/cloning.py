@@ -37,9 +37,9 @@ from typing import Any, Final
 
 from cdi.api import ContentType, VolumeMode, env
 from cdi.api import annotations as ann
-from cdi.api.groups import CDI_CONFIG, CDI_CONFIG_NAME, PERSISTENT_VOLUME_CLAIM, POD, SECRET
+from cdi.api.groups import PERSISTENT_VOLUME_CLAIM, POD, SECRET
 from cdi.api.phases import PodPhase
-from cdi.controller import naming
+from cdi.controller import claims, naming
 from cdi.controller.certs import CDI_NAMESPACE, ensure_upload_pki, issue_client_cert
 from cdi.controller.events import WARNING, record_event
 from cdi.controller.importing import running_annotations
@@ -378,11 +378,7 @@ class CloneReconciler:
         return await self._mirror(pvc, pod)
 
     async def _config_status(self) -> Obj:
-        try:
-            config = await self.client.get(CDI_CONFIG, CDI_CONFIG_NAME)
-        except NotFound:
-            return {}
-        return dict(config.get("status") or {})
+        return await claims.config_status(self.client)
 
     async def _upload_address(self, pvc: Obj) -> str | None:
         annotations = pvc["metadata"].get("annotations") or {}
@@ -425,18 +421,7 @@ class CloneReconciler:
     # --- API helpers ------------------------------------------------------------------------
 
     async def _annotate(self, pvc: Obj, wanted: Mapping[str, str]) -> None:
-        current = pvc["metadata"].get("annotations") or {}
-        changed = {k: v for k, v in wanted.items() if current.get(k) != v}
-        if not changed:
-            return
-        meta = pvc["metadata"]
-        patch = {
-            "metadata": {"annotations": changed, "resourceVersion": meta.get("resourceVersion")}
-        }
-        updated = await self.client.patch(
-            PERSISTENT_VOLUME_CLAIM, str(meta["name"]), patch, str(meta["namespace"])
-        )
-        pvc["metadata"] = updated["metadata"]
+        await claims.annotate(self.client, pvc, wanted)
 
     async def _delete_source(
         self, namespace: str, name: str, *, secret: bool = True, pod: bool = True

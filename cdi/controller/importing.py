@@ -27,7 +27,7 @@ from cdi.api import annotations as ann
 from cdi.api.groups import CDI_CONFIG, CDI_CONFIG_NAME, CONFIG_MAP, PERSISTENT_VOLUME_CLAIM, POD
 from cdi.api.phases import ConditionReason, PodPhase, PVCPhase
 from cdi.api.termination import TerminationMessage, TerminationMessageError
-from cdi.controller import naming
+from cdi.controller import claims, naming
 from cdi.controller.events import WARNING, record_event
 from cdi.controller.podspecs import importer_pod, owner_uid_for
 from cdi.controller.rendering import RenderError, render_scratch_pvc
@@ -461,21 +461,7 @@ class ImportReconciler:
         return Result()
 
     async def _annotate(self, pvc: Obj, wanted: Mapping[str, str]) -> None:
-        current = pvc["metadata"].get("annotations") or {}
-        changed = {k: v for k, v in wanted.items() if current.get(k) != v}
-        if not changed:
-            return
-        meta = pvc["metadata"]
-        patch = {
-            "metadata": {
-                "annotations": changed,
-                "resourceVersion": meta.get("resourceVersion"),
-            }
-        }
-        updated = await self.client.patch(
-            PERSISTENT_VOLUME_CLAIM, str(meta["name"]), patch, str(meta["namespace"])
-        )
-        pvc["metadata"] = updated["metadata"]
+        await claims.annotate(self.client, pvc, wanted)
 
     async def _delete(self, resource: Any, name: str, namespace: str) -> None:
         try:

@@ -43,8 +43,6 @@ from typing import Any, Final
 from cdi.api import ContentType
 from cdi.api import annotations as ann
 from cdi.api.groups import (
-    CDI_CONFIG,
-    CDI_CONFIG_NAME,
     PERSISTENT_VOLUME_CLAIM,
     POD,
     SECRET,
@@ -54,7 +52,7 @@ from cdi.api.groups import (
 from cdi.api.phases import ConditionReason, PodPhase, PVCPhase
 from cdi.api.termination import TerminationMessage, TerminationMessageError
 from cdi.api.tokens import UPLOAD_CLIENT_NAME
-from cdi.controller import naming
+from cdi.controller import claims, naming
 from cdi.controller.certs import (
     CDI_NAMESPACE,
     SERVER_CERT_LIFETIME,
@@ -259,11 +257,7 @@ class UploadReconciler:
         return naming.scratch_pvc_name(str(pvc["metadata"]["name"]))
 
     async def _config_status(self) -> Obj:
-        try:
-            config = await self.client.get(CDI_CONFIG, CDI_CONFIG_NAME)
-        except NotFound:
-            return {}
-        return dict(config.get("status") or {})
+        return await claims.config_status(self.client)
 
     async def _pki(self) -> UploadPKI:
         async with self._pki_lock:
@@ -505,18 +499,7 @@ class UploadReconciler:
     # --- API helpers ------------------------------------------------------------------------
 
     async def _annotate(self, pvc: Obj, wanted: Mapping[str, str]) -> None:
-        current = pvc["metadata"].get("annotations") or {}
-        changed = {k: v for k, v in wanted.items() if current.get(k) != v}
-        if not changed:
-            return
-        meta = pvc["metadata"]
-        patch = {
-            "metadata": {"annotations": changed, "resourceVersion": meta.get("resourceVersion")}
-        }
-        updated = await self.client.patch(
-            PERSISTENT_VOLUME_CLAIM, str(meta["name"]), patch, str(meta["namespace"])
-        )
-        pvc["metadata"] = updated["metadata"]
+        await claims.annotate(self.client, pvc, wanted)
 
     async def _delete(
         self, resource: Resource, name: str, namespace: str, *, uid: str | None = None

@@ -14,12 +14,7 @@ stream, as CDI's upload server decides (reference §7.3):
     x-cdi-clone-compression: zstd
         any of the above as one zstd stream
 
-The extent stream (written down again in cloner/extents.py; workers never import each other):
-
-    header   8 bytes b"CDIEXT01", the source's total size (u64 big-endian)
-    record   offset (u64 BE), length (u64 BE), `length` bytes of data; offsets increase,
-             records do not overlap and stay within the total
-    end      offset = total, length 0; a body that ends without it was cut
+The extent stream and the headers are defined once, in `cdi.api.clonestream`.
 
 Everything no record covers reads as zeros on the target: a fresh disk.img is sparse; on a
 device (or the file standing in for one) the gaps are zeroed with fallocate (punch hole, or
@@ -41,7 +36,6 @@ import ctypes
 import errno
 import logging
 import os
-import struct
 import tarfile
 import time
 from collections.abc import Iterator, Mapping
@@ -55,6 +49,16 @@ from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from cdi.api import MESSAGE_CLONE_COMPLETE, CloneContentType, ContentType, TerminationMessage, env
+from cdi.api.clonestream import (
+    COMPRESSION_HEADER,
+    CONTENT_TYPE_HEADER,
+    ENCODING_HEADER,
+    EXTENTS_V1,
+    HEADER,
+    MAGIC,
+    RECORD,
+    ZSTD,
+)
 from importer.archive import extract_tar, remove_created
 from importer.metrics import ImportProgress
 from importer.target import TargetSpace, device_size, measure_target
@@ -62,16 +66,8 @@ from importer.upload.settings import UploadSettings
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE_HEADER: Final = "x-cdi-content-type"
-ENCODING_HEADER: Final = "x-cdi-clone-encoding"
-COMPRESSION_HEADER: Final = "x-cdi-clone-compression"
-EXTENTS_V1: Final = "extents-v1"
-ZSTD: Final = "zstd"
 CLONE_PATHS: Final = frozenset({"/v1beta1/upload", "/v1alpha1/upload"})
 
-MAGIC: Final = b"CDIEXT01"
-HEADER: Final = struct.Struct(">8sQ")
-RECORD: Final = struct.Struct(">QQ")
 #: The stream identifier chunk that starts every snappy framed stream (CDI's cloner sends one).
 SNAPPY_STREAM: Final = b"\xff\x06\x00\x00sNaPpY"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cdi.api import clonestream
 from cloner import extents
 from cloner.errors import SettingsError
 from cloner.settings import CloneSettings, Compression, Content
@@ -183,10 +184,11 @@ def test_device_without_seek_data_reads_everything_but_sends_data_only(tmp_path:
 
 
 def test_the_receiver_speaks_the_same_format() -> None:
-    # Workers never import each other, so the format is written twice; hold them together.
-    assert receiver.MAGIC == extents.MAGIC
-    assert receiver.HEADER.format == extents.HEADER.format
-    assert receiver.RECORD.format == extents.RECORD.format
+    # Both workers take the format from cdi.api.clonestream, its one definition.
+    assert receiver.MAGIC == clonestream.MAGIC
+    assert extents.stream_header(5)[: len(clonestream.MAGIC)] == clonestream.MAGIC
+    assert receiver.HEADER is clonestream.HEADER
+    assert receiver.RECORD is clonestream.RECORD
 
 
 def test_receiver_runs_split_zero_blocks_like_the_reader() -> None:

@@ -14,7 +14,8 @@ import boto3
 import botocore.config
 import pytest
 
-from importer.metrics import ImportProgress, MetricsServer
+from cdi.image.metricsserver import MetricsServer
+from importer.metrics import ImportProgress
 from tests.support.httpserver import BadServer
 from tests.support.images import MIB, compress, convert, patterned_raw, same_image
 from tests.support.importer_run import Sandbox
@@ -188,7 +189,7 @@ def test_s3_url_without_key(box: Sandbox) -> None:
 
 def test_progress_metric_is_served_over_https_and_never_falls() -> None:
     progress = ImportProgress("uid-1234")
-    server = MetricsServer(progress, "127.0.0.1", 0)
+    server = MetricsServer(progress.registry, "127.0.0.1", 0)
     try:
         progress.set_percent(12.5)
         progress.set_percent(3.0)  # lower values are ignored: it is a counter
