@@ -404,15 +404,7 @@ class CloneReconciler:
         ):
             if key in running:
                 wanted[source_key] = running[key]
-        statuses = (pod.get("status") or {}).get("containerStatuses") or []
-        restarts = int(statuses[0].get("restartCount") or 0) if statuses else 0
-        annotations = pvc["metadata"].get("annotations") or {}
-        try:
-            previous = int(annotations.get(ann.POD_RESTARTS) or 0)
-        except ValueError:
-            previous = 0
-        if restarts > previous:
-            wanted[ann.POD_RESTARTS] = str(restarts)
+        wanted[ann.POD_RESTARTS] = claims.restarts(pvc, pod)
         await self._annotate(pvc, wanted)
         # The source pod's progress is polled by the DataVolume reconciler; its end arrives as
         # a pod event. Nothing to wait for here.

@@ -388,20 +388,15 @@ class ImportReconciler:
         annotations: dict[str, str] = meta.get("annotations") or {}
         pod_status = pod.get("status") or {}
         phase = str(pod_status.get("phase") or PodPhase.PENDING)
-        statuses = pod_status.get("containerStatuses") or []
-        restarts = int(statuses[0].get("restartCount") or 0) if statuses else 0
-        try:
-            previous = int(annotations.get(ann.POD_RESTARTS) or 0)
-        except ValueError:
-            previous = 0
         wanted = {
-            ann.POD_RESTARTS: str(max(previous, restarts)),
+            ann.POD_RESTARTS: claims.restarts(pvc, pod),
             ann.IMPORT_POD_NAME: str(pod["metadata"]["name"]),
         }
         wanted.update(running_annotations(pod))
         pod_name = str(pod["metadata"]["name"])
 
         if phase == PodPhase.SUCCEEDED:
+            statuses = pod_status.get("containerStatuses") or []
             terminated = (
                 ((statuses[0].get("state") or {}).get("terminated") or {}) if statuses else {}
             )

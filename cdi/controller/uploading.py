@@ -433,14 +433,8 @@ class UploadReconciler:
         annotations: dict[str, str] = meta.get("annotations") or {}
         pod_name = str(pod["metadata"]["name"])
         phase = pod_phase(pod)
-        statuses = (pod.get("status") or {}).get("containerStatuses") or []
-        restarts = int(statuses[0].get("restartCount") or 0) if statuses else 0
-        try:
-            previous = int(annotations.get(ann.POD_RESTARTS) or 0)
-        except ValueError:
-            previous = 0
         wanted = {
-            ann.POD_RESTARTS: str(max(previous, restarts)),
+            ann.POD_RESTARTS: claims.restarts(pvc, pod),
             ann.UPLOAD_POD_NAME: pod_name,
             ann.POD_READY: str(pod_ready(pod)).lower(),
         }
