@@ -94,9 +94,10 @@ def nonzero_runs(offset: int, data: bytes) -> Iterator[tuple[int, bytes]]:
     position = 0
     while position < size:
         block_end = min(size, (offset + position) // ZERO_BLOCK * ZERO_BLOCK + ZERO_BLOCK - offset)
-        # bytes == bytes is a memcmp; the slice's copy is cheap next to reading the data.
-        block = data[position:block_end]
-        is_zero = block == (_ZERO_BLOCK if len(block) == ZERO_BLOCK else bytes(len(block)))
+        # startswith over a range is a memcmp in place: no slice is copied.
+        length = block_end - position
+        zeros = _ZERO_BLOCK if length == ZERO_BLOCK else bytes(length)
+        is_zero = data.startswith(zeros, position, block_end)
         if is_zero:
             if run_start >= 0:
                 yield offset + run_start, data[run_start:position]

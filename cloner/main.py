@@ -124,7 +124,7 @@ async def clone(
         try:
             answer = await send(settings, context, body, clone_headers(settings))
         finally:
-            await body.close()
+            body.close()  # after send: its thread is out of the body by then
     finally:
         source.close()
     log.debug("server answered %s", answer)

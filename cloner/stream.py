@@ -1,24 +1,25 @@
-"""What goes on the wire: the source as byte chunks, made in a thread, sent as an async body.
+"""What goes on the wire: the source as byte chunks, made in a reader thread ahead of the sender.
 
 kubevirt content   the disk image or the device as an extent stream (`cloner.extents`)
 archive content    a GNU tar of the volume's entries (all but lost+found), holes kept, made by
                    `tar -S --hole-detection=seek` (GNU tar knows every filesystem's holes)
 zstd               either of them as one zstd stream
 
-Reading, zero detection and compression run in one worker thread behind `Body`, one chunk ahead
-of the connection, so the source is read while the previous chunk is being sent; memory stays at
-two chunks (READ_SIZE each at most) whatever the volume size.
+Reading, zero detection and compression run in a reader thread behind `Body`, up to READ_AHEAD
+chunks ahead of the thread that sends them, so the source is read while earlier chunks are being
+encrypted and sent; memory stays at a few chunks (READ_SIZE each at most) whatever the volume
+size.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -38,6 +39,8 @@ LOST_AND_FOUND: Final = "lost+found"
 # An empty tar (two zero blocks, padded to GNU tar's 10 KiB record): what tar would write if it
 # did not refuse to create an empty archive.
 EMPTY_TAR: Final = bytes(10240)
+# Chunks made ahead of the sender (a record header and its data are two): about two data pieces.
+READ_AHEAD: Final = 4
 
 
 @dataclass(slots=True)
@@ -51,7 +54,7 @@ class Source(Protocol):
     def chunks(self, counts: Counts, progress: CloneProgress) -> Iterator[bytes]: ...
 
     def abort(self) -> None:
-        """Unblock a read in progress (called from the event loop's thread)."""
+        """Unblock a read in progress (called from another thread than the reader's)."""
 
     def close(self) -> None: ...
 
@@ -197,54 +200,94 @@ def zstd_chunks(chunks: Iterator[bytes]) -> Iterator[bytes]:
     yield compressor.flush()
 
 
-class Body:
-    """The request body: `stream()` for aiohttp, `close()` by the owner once the request ended.
+class BodyStopped(Exception):
+    """The body was stopped before its end: the clone was cancelled."""
 
-    The chunks are made in a thread one ahead of the connection. A failure there is kept in
-    `failure` (aiohttp reports it only as a broken connection) and ends the body as a cut
-    stream, never as a complete one.
+
+class Body:
+    """The request body: `chunks()` for the sending thread, `close()` by the owner afterwards.
+
+    A reader thread makes the chunks up to READ_AHEAD ahead of the connection, so the source is
+    read (and compressed) while earlier chunks are encrypted and sent. A failure there is kept in
+    `failure` and raised from `chunks()`: the sender must then cut the stream, never end it as a
+    complete one. `finished` says the sender took the last chunk.
     """
 
     def __init__(self, chunks: Iterator[bytes], counts: Counts, abort: Callable[[], None]) -> None:
         self._chunks = chunks
         self._counts = counts
         self._abort = abort
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="clone-read")
-        self._pending: asyncio.Future[bytes | None] | None = None
+        # bytes: a chunk; None: the end; an exception: the source failed.
+        self._ready: deque[bytes | BaseException | None] = deque()
+        self._changed = threading.Condition()
+        self._stopped = False
+        self._reader: threading.Thread | None = None
         self.failure: BaseException | None = None
         self.finished = False
-        self._closed = False
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
-        self._pending = loop.run_in_executor(self._pool, next, self._chunks, None)
+    def chunks(self) -> Iterator[bytes]:
+        """The non-empty chunks, in order; raises the source's failure, or BodyStopped."""
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._read, name="clone-read", daemon=True)
+            self._reader.start()
         while True:
-            try:
-                chunk = await self._pending
-            except Exception as err:
-                self.failure = err
-                raise
-            if chunk is None:
+            item = self._take()
+            if item is None:
                 self.finished = True
                 return
-            if self._closed:  # the request is over (an early answer); aiohttp may still ask
-                return
-            self._pending = loop.run_in_executor(self._pool, next, self._chunks, None)
-            if chunk:  # an empty chunk would end a chunked body early
-                self._counts.wire += len(chunk)
-                yield chunk
+            if isinstance(item, BaseException):
+                self.failure = item
+                raise item
+            self._counts.wire += len(item)
+            yield item
 
-    async def close(self) -> None:
-        self._closed = True
-        pending = self._pending
-        if pending is not None and not pending.done():
-            self._abort()
-            with contextlib.suppress(BaseException):
-                await pending  # the generator cannot be closed while the thread runs it
-        self._pool.shutdown(wait=True)
+    def stop(self) -> None:
+        """Wake both threads and end the body early; from any thread, any number of times."""
+        with self._changed:
+            self._stopped = True
+            self._ready.clear()
+            self._changed.notify_all()
+        if self._reader is not None and self._reader.is_alive():
+            self._abort()  # a reader blocked in tar's pipe would not see the flag
+
+    def close(self) -> None:
+        self.stop()
+        if self._reader is not None:
+            self._reader.join()  # the generator cannot be closed while the thread runs it
         close = getattr(self._chunks, "close", None)
         if close is not None:
             close()
+
+    def _read(self) -> None:
+        try:
+            for chunk in self._chunks:
+                # An empty chunk would end a chunked body early.
+                if chunk and not self._offer(chunk):
+                    return
+        except BaseException as err:  # whatever it is, the sender must hear of it
+            self._offer(err)
+        else:
+            self._offer(None)
+
+    def _offer(self, item: bytes | BaseException | None) -> bool:
+        with self._changed:
+            while len(self._ready) >= READ_AHEAD and not self._stopped:
+                self._changed.wait()
+            if self._stopped:
+                return False
+            self._ready.append(item)
+            self._changed.notify_all()
+            return True
+
+    def _take(self) -> bytes | BaseException | None:
+        with self._changed:
+            while not self._ready and not self._stopped:
+                self._changed.wait()
+            if self._stopped:
+                raise BodyStopped("the clone stream was stopped")
+            item = self._ready.popleft()
+            self._changed.notify_all()
+            return item
 
 
 def _allocated(root: Path) -> int:

@@ -80,6 +80,7 @@ HEAD_LIMIT = POINTER_LIMIT + (128 << 10)
 HEAD_IN_MEMORY = 8 << 20
 INSPECT_READ = 64 << 10
 COPY_BUFFER = 1 << 20
+STREAM_BUFFER = 256 << 10
 PLUGIN_PATH = Path(importer.__file__).parent / "nbdkit_plugin.py"
 
 
@@ -246,14 +247,26 @@ class ImportRun:
         )
         space = None if s.content_type is ContentType.ARCHIVE else measure_target(s)
         hasher = StreamHasher(s.checksum) if s.checksum else None
-        feed = ChunkFeed()
         stream_done = asyncio.Event()
-        producer = asyncio.create_task(self._produce(source, info, feed, hasher, stream_done))
-        try:
-            outcome = await asyncio.to_thread(self._consume, feed, info, space)
-        finally:
-            feed.close()
-            await producer
+        blocking = getattr(source, "blocking_reader", None)
+        direct: io.RawIOBase | None = blocking() if blocking is not None else None
+        if direct is not None:
+            # The worker thread reads the source itself: no producer, no feed.
+            counted = _CountingReader(direct, hasher, self.progress, info.size, self)
+            try:
+                outcome = await asyncio.to_thread(self._consume, counted, info, space)
+            finally:
+                counted.close()
+            if counted.eof:
+                stream_done.set()
+        else:
+            feed = ChunkFeed()
+            producer = asyncio.create_task(self._produce(source, info, feed, hasher, stream_done))
+            try:
+                outcome = await asyncio.to_thread(self._consume, feed, info, space)
+            finally:
+                feed.close()
+                await producer
         if hasher is not None and outcome.route is not _Route.NBD:
             if not stream_done.is_set():
                 raise ProcessingError(
@@ -315,7 +328,7 @@ class ImportRun:
             await feed.finish(ProcessingError(f"reading the source failed: {err}"))
 
     # --- the worker thread: inspect, decide, write ---------------------------------------------
-    def _consume(self, feed: ChunkFeed, info: SourceInfo, space: TargetSpace | None) -> _Outcome:
+    def _consume(self, feed: io.RawIOBase, info: SourceInfo, space: TargetSpace | None) -> _Outcome:
         s = self.settings
         replay = ReplayReader(feed, limit=64 << 10)
         magic = _read_up_to(replay, 512)
@@ -323,7 +336,9 @@ class ImportRun:
             raise FatalProcessingError("the source is empty (0 bytes); check the URL")
         replay.rewind()
         compression = detect_compression(magic)
-        raw_stream: BinaryIO = io.BufferedReader(replay, COPY_BUFFER)
+        # Smaller than COPY_BUFFER: reads of COPY_BUFFER then go straight into the caller's
+        # buffer (BufferedReader bypasses its own only for reads larger than it), one copy less.
+        raw_stream: BinaryIO = io.BufferedReader(replay, STREAM_BUFFER)
         inner: BinaryIO = open_decompressed(raw_stream, compression) if compression else raw_stream
 
         inspector = StreamInspector(total_size=None if compression else info.size)
@@ -510,6 +525,45 @@ class ImportRun:
             log.info("resized from=%d to=%d", current, space.resize_to)
         os.chmod(space.path, env.DISK_IMAGE_MODE)
         fsync_path(space.path)
+
+
+class _CountingReader(io.RawIOBase):
+    """A source read by the worker thread itself: hashes and counts what passes, as the
+    producer coroutine does for sources read on the event loop."""
+
+    def __init__(
+        self,
+        inner: io.RawIOBase,
+        hasher: StreamHasher | None,
+        progress: ImportProgress,
+        size: int | None,
+        run: ImportRun,
+    ) -> None:
+        super().__init__()
+        self._inner = inner
+        self._hasher = hasher
+        self._progress = progress
+        self._size = size
+        self._run = run
+        self._read = 0
+        self.eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = self._inner.readinto(view) or 0
+        if not n:
+            self.eof = True
+            return 0
+        if self._hasher is not None:
+            self._hasher.update(view[:n])
+        self._read += n
+        self._progress.add_bytes(n)
+        if self._size:
+            self._progress.set_percent(self._read * self._run._transfer_share / self._size)
+        return n
 
 
 def _read_up_to(reader: io.RawIOBase, size: int) -> bytes:

@@ -19,6 +19,7 @@ import sys
 from aiohttp import web
 
 from cdi.api import encode_failure
+from cdi.image.httpfront import HttpFront
 from importer.errors import ImporterError
 from importer.main import configure_logging, write_termination
 from importer.upload.server import UploadServer
@@ -79,20 +80,29 @@ async def serve(settings: UploadSettings) -> int:
         read_bufsize=1 << 20,
     )
     await runner.setup()
-    site = web.TCPSite(
-        runner, settings.listen_address, settings.listen_port, ssl_context=settings.ssl_context()
-    )
+    loop = asyncio.get_running_loop()
+    assert runner.server is not None
     try:
-        await site.start()
+        # Upload bodies are read by blocking threads (see cdi.image.httpfront); the rest of
+        # the requests reach the aiohttp app through it.
+        front = HttpFront(
+            settings.listen_address,
+            settings.listen_port,
+            settings.ssl_context(),
+            server.route,
+            loop=loop,
+            protocol_factory=runner.server,
+            name="upload",
+        )
     except OSError as err:
         await runner.cleanup()
         raise ImporterError(
             f"cannot listen on {settings.listen_address}:{settings.listen_port}: {err}"
         ) from None
-    loop = asyncio.get_running_loop()
+    server.front = front
     for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
         loop.add_signal_handler(sig, server.finish, code)
-    port = _bound_port(runner, settings.listen_port)
+    port = front.port
     scheme = "http" if settings.insecure else "https"
     log.info(
         "serving addr=%s://%s:%d pid=%d destination=%s block=%s client_name=%s",
@@ -116,16 +126,10 @@ async def serve(settings: UploadSettings) -> int:
         os._exit(code)
     if code not in (0, 1):
         log.info("terminated by signal exit=%d", code)
+    front.close()
     await runner.cleanup()
     log.info("exit code=%d", code)
     return code
-
-
-def _bound_port(runner: web.AppRunner, default: int) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    return default
 
 
 def _fail(err: ImporterError) -> int:

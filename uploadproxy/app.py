@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Final
 
 from aiohttp import hdrs, web
@@ -29,8 +29,14 @@ from cdi.kube.client import Client
 from uploadproxy.auth import TokenVerifier
 from uploadproxy.errors import Rejection
 from uploadproxy.settings import ProxySettings
-from uploadproxy.target import UPLOAD_PATHS, upload_path, upstream_endpoint, wait_until_ready
-from uploadproxy.upstream import Forwarder, Transfer
+from uploadproxy.target import (
+    UPLOAD_PATHS,
+    Endpoint,
+    upload_path,
+    upstream_endpoint,
+    wait_until_ready,
+)
+from uploadproxy.upstream import Forwarder, Transfer, log_request
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +59,33 @@ def _rejection_response(err: Rejection) -> web.Response:
     return web.Response(status=err.status, text=err.text, content_type="text/plain")
 
 
-async def handle_upload(request: web.Request) -> web.StreamResponse:
-    app = request.app
+async def locate(
+    app: web.Application,
+    headers: Mapping[str, str],
+    path: str,
+    query: str,
+    transfer: Transfer,
+) -> Endpoint:
+    """The checks every upload passes, in CDI's order: the token, the PVC's readiness, the
+    server path, the upload server's address. Rejection when one fails."""
     settings = app[SETTINGS_KEY]
+    claim = await app[VERIFIER_KEY].claim(headers.get(hdrs.AUTHORIZATION))
+    transfer.pvc_name = f"{claim.namespace}/{claim.name}"
+    client = app[CLIENT_KEY]
+    pvc = await wait_until_ready(client, claim, settings)
+    return await upstream_endpoint(client, settings, pvc, upload_path(pvc, claim, path), query)
+
+
+async def handle_upload(request: web.Request) -> web.StreamResponse:
+    """An upload the blocking front did not relay itself (browsers, other methods)."""
+    app = request.app
     transfer = Transfer()
     started = time.monotonic()
-    pvc_name = "-"
     status = 500  # what the log says when something unexpected escapes
     detail = ""
     try:
-        claim = await app[VERIFIER_KEY].claim(request.headers.get(hdrs.AUTHORIZATION))
-        pvc_name = f"{claim.namespace}/{claim.name}"
-        client = app[CLIENT_KEY]
-        pvc = await wait_until_ready(client, claim, settings)
-        path = upload_path(pvc, claim, request.path)
-        endpoint = await upstream_endpoint(
-            client, settings, pvc, path, request.rel_url.raw_query_string
+        endpoint = await locate(
+            app, request.headers, request.path, request.rel_url.raw_query_string, transfer
         )
         response = await app[FORWARDER_KEY].forward(request, endpoint, transfer)
         status = response.status
@@ -79,22 +96,7 @@ async def handle_upload(request: web.Request) -> web.StreamResponse:
             detail = f" error={err.text!r}"
         return _rejection_response(err)
     finally:
-        if transfer.client_error:
-            detail += f" client_error={transfer.client_error!r}"
-        if transfer.answer_error:
-            detail += f" answer_error={transfer.answer_error!r}"
-        log.log(
-            logging.WARNING if status >= 500 else logging.INFO,
-            "%s %s pvc=%s status=%d sent=%d received=%d seconds=%.3f%s",
-            request.method,
-            request.path,
-            pvc_name,
-            status,
-            transfer.sent,
-            transfer.received,
-            time.monotonic() - started,
-            detail,
-        )
+        log_request(request.method, request.path, status, transfer, started=started, detail=detail)
 
 
 async def handle_healthz(request: web.Request) -> web.Response:

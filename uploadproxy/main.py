@@ -26,12 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from aiohttp import web
-
 from cdi.api import env
 from cdi.kube.client import Client
 from cdi.kube.config import ConfigError, load_config
-from uploadproxy.app import make_app
+from uploadproxy.listener import ProxyListener
 from uploadproxy.settings import (
     DEFAULT_NAMESPACE,
     READY_POLL_SECONDS,
@@ -44,7 +42,6 @@ log = logging.getLogger("uploadproxy.main")
 
 ALL_INTERFACES: Final = "0.0.0.0"  # noqa: S104 - a proxy in a pod serves its pod's network
 DEFAULT_LISTEN: Final = f"{ALL_INTERFACES}:8443"
-SHUTDOWN_TIMEOUT: Final = 5.0
 CERT_CHECK_INTERVAL: Final = 10.0
 
 
@@ -159,21 +156,12 @@ async def serve(
     tls: ssl.SSLContext | None,
     stop: asyncio.Event,
 ) -> None:
-    runner = web.AppRunner(
-        make_app(settings, client),
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
-    )
-    await runner.setup()
+    listener = await ProxyListener.start(settings, client, host=host, port=port, tls=tls)
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=tls)
-        await site.start()
-        for address in runner.addresses:
-            log.info("listening on %s:%d (%s)", address[0], address[1], "https" if tls else "http")
+        log.info("listening on %s:%d (%s)", host, listener.port, "https" if tls else "http")
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await listener.close()
 
 
 async def _run(args: argparse.Namespace, settings: ProxySettings, tls: ssl.SSLContext) -> int:

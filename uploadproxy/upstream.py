@@ -81,7 +81,7 @@ _HOP_BY_HOP: Final = frozenset(
     }
 )
 #: Response headers not copied: hop-by-hop, and those our own server writes.
-_RESPONSE_SKIP: Final = _HOP_BY_HOP | {"content-length", "date", "server"}
+RESPONSE_SKIP: Final = _HOP_BY_HOP | {"content-length", "date", "server"}
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
@@ -175,6 +175,8 @@ class UpstreamTLS:
 class Transfer:
     """What one proxied request moved, for its log line."""
 
+    pvc_name: str = "-"
+    """The PVC (namespace/name) the token names, once it was read."""
     sent: int = 0
     """Request body bytes passed to the upload server."""
     received: int = 0
@@ -187,7 +189,29 @@ class Transfer:
     """Why passing the answer back failed after it started, if it did."""
 
 
-def _is_tls_failure(err: BaseException) -> bool:
+def log_request(
+    method: str, path: str, status: int, transfer: Transfer, *, started: float, detail: str = ""
+) -> None:
+    """One line per request, never the token."""
+    if transfer.client_error:
+        detail += f" client_error={transfer.client_error!r}"
+    if transfer.answer_error:
+        detail += f" answer_error={transfer.answer_error!r}"
+    log.log(
+        logging.WARNING if status >= 500 else logging.INFO,
+        "%s %s pvc=%s status=%d sent=%d received=%d seconds=%.3f%s",
+        method,
+        path,
+        transfer.pvc_name,
+        status,
+        transfer.sent,
+        transfer.received,
+        time.monotonic() - started,
+        detail,
+    )
+
+
+def is_tls_failure(err: BaseException) -> bool:
     return isinstance(err, aiohttp.ClientSSLError | ssl.SSLError) or isinstance(
         err.__cause__, ssl.SSLError
     )
@@ -258,7 +282,7 @@ class Forwarder:
                         f"error in upload-proxy: reading the upload failed: "
                         f"{transfer.client_error}",
                     ) from None
-                tls_failure = _is_tls_failure(err)
+                tls_failure = is_tls_failure(err)
                 if tls_failure:
                     self.tls.invalidate()
                 if tls_failure and attempt == 0 and not transfer.started:
@@ -284,7 +308,7 @@ class Forwarder:
                 self.tls.invalidate()  # perhaps the client certificate was re-issued
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in upstream.headers.items():
-                if name.lower() not in _RESPONSE_SKIP:
+                if name.lower() not in RESPONSE_SKIP:
                     response.headers.add(name, value)
             if upstream.content_length is not None and upstream.status not in _NO_BODY_STATUSES:
                 response.content_length = upstream.content_length

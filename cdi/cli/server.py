@@ -43,7 +43,7 @@ from cdi.kubeapi.pki import ensure_pki
 from cdi.kubeapi.registry import CRD_KEY
 from cdi.kubeapi.store import Store
 from cdi.provisioner import run_provisioner
-from uploadproxy.app import make_app as make_proxy_app
+from uploadproxy.listener import ProxyListener
 from uploadproxy.settings import READY_WAIT_SECONDS, ProxySettings, ResolveMode
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def install_defaults(store: Store) -> None:
 
 async def _start_upload_proxy(
     settings: ServerSettings, client: Client, ssl_ctx: ssl.SSLContext | None
-) -> tuple[web.AppRunner, str]:
+) -> tuple[ProxyListener, str]:
     """The upload proxy on its own listener (its paths live at the root, as CDI's), with the API
     server's certificate, reaching upload pods by their IP (local Services do not resolve)."""
     proxy_settings = ProxySettings(
@@ -273,13 +273,11 @@ async def _start_upload_proxy(
         resolve=ResolveMode.POD_IP if settings.local_node else ResolveMode.SERVICE,
         ready_wait=settings.upload_proxy_ready_wait,
     )
-    runner = web.AppRunner(make_proxy_app(proxy_settings, client), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.proxy_port, ssl_context=ssl_ctx)
-    await site.start()
-    port = runner.addresses[0][1]
+    listener = await ProxyListener.start(
+        proxy_settings, client, host=settings.host, port=settings.proxy_port, tls=ssl_ctx
+    )
     scheme = "http" if ssl_ctx is None else "https"
-    return runner, f"{scheme}://{settings.host}:{port}"
+    return listener, f"{scheme}://{settings.host}:{listener.port}"
 
 
 async def serve(
@@ -345,7 +343,7 @@ async def serve(
                     run_agent(node_client, root=settings.data_dir, stop=node_stop), name="agent"
                 ),
             ]
-        proxy_runner: web.AppRunner | None = None
+        proxy_runner: ProxyListener | None = None
         proxy_url: str | None = None
         if settings.upload_proxy:
             proxy_runner, proxy_url = await _start_upload_proxy(settings, node_client, ssl_ctx)
@@ -383,7 +381,7 @@ async def serve(
             # The agent kills and reaps every pod process here: nothing outlives `cdi server`.
             node_stop.set()
             if proxy_runner is not None:
-                await proxy_runner.cleanup()
+                await proxy_runner.close()
             for result in await asyncio.gather(*node, return_exceptions=True):
                 if isinstance(result, Exception):
                     log.error("local node loop failed", exc_info=result)

@@ -46,23 +46,21 @@ class MetricsServer:
     """HTTPS /metrics in a daemon thread; `port` is the bound port (useful with ":0")."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="cdi-metrics-")
-        try:
-            cert, key = _self_signed(Path(self._dir.name))
+        # The key is on disk only while the context loads it: a worker killed later (SIGKILL)
+        # leaves nothing behind in /tmp.
+        with tempfile.TemporaryDirectory(prefix="cdi-metrics-") as directory:
+            cert, key = _self_signed(Path(directory))
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(str(cert), str(key))
-            server_class = _Ipv6ThreadingServer if ":" in host else _ThreadingServer
-            self._server = make_server(
-                host,
-                port,
-                make_wsgi_app(registry),
-                server_class=server_class,
-                handler_class=_QuietHandler,
-            )
-            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
-        except BaseException:
-            self._dir.cleanup()
-            raise
+        server_class = _Ipv6ThreadingServer if ":" in host else _ThreadingServer
+        self._server = make_server(
+            host,
+            port,
+            make_wsgi_app(registry),
+            server_class=server_class,
+            handler_class=_QuietHandler,
+        )
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": SHUTDOWN_POLL},
@@ -76,7 +74,6 @@ class MetricsServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-        self._dir.cleanup()
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:

@@ -46,6 +46,8 @@ from cdi.api import (
     encode_failure,
 )
 from cdi.api.termination import MESSAGE_DEADLINE_PASSED
+from cdi.image.httpfront import Exchange, HttpFront, Native
+from cdi.image.httpwire import RequestHead
 from importer.main import write_termination
 from importer.metrics import ImportProgress
 from importer.pipeline import ImportRun
@@ -53,6 +55,7 @@ from importer.sources import Source
 from importer.sources.upload import BodySource, StagedFileSource, UploadBodyError
 from importer.upload.clone import CloneRefused, is_clone, receive_clone
 from importer.upload.errors import classify, describe, no_capacity
+from importer.upload.frontrequest import FrontRequest
 from importer.upload.settings import UploadSettings
 from importer.upload.staging import (
     RangeError,
@@ -68,6 +71,8 @@ VERSIONS = ("v1beta1", "v1alpha1")
 OFFSET_HEADER = "Upload-Offset"
 LENGTH_HEADER = "Upload-Length"
 FORM_FIELD = "file"
+
+UploadRequest = web.Request | FrontRequest
 
 
 class State(enum.Enum):
@@ -114,6 +119,9 @@ class UploadServer:
         self.staging = Staging(path) if path is not None else None
         self._deadline_passed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+        self._endpoints = {e.path: e for e in endpoints()}
+        self.front: HttpFront | None = None  # set by whoever listens; tells forwarded peers
         if settings.deadline is not None:
             self._spawn(self._watch_deadline(settings.deadline))
 
@@ -128,6 +136,26 @@ class UploadServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
         return app
+
+    def route(self, head: RequestHead) -> Native | None:
+        """What the blocking front serves itself: upload bodies (the data path), HEAD, and
+        /healthz (probes); forms, /metrics and anything else go to the aiohttp app."""
+        if head.path == "/healthz" and head.method == "GET":
+            return self._native_healthz
+        endpoint = self._endpoints.get(head.path)
+        if endpoint is None or endpoint.form or head.method not in ("POST", "PUT", "HEAD"):
+            return None
+        return functools.partial(self._native, endpoint)
+
+    def _native_healthz(self, exchange: Exchange) -> None:
+        exchange.answer(200, "OK")
+
+    def _native(self, endpoint: Endpoint, exchange: Exchange) -> None:
+        request = FrontRequest(exchange)
+        handled = asyncio.run_coroutine_threadsafe(self._handle(endpoint, request), self._loop)
+        response = handled.result()
+        if isinstance(response, web.Response):
+            request.send_blocking(response)
 
     def finish(self, code: int) -> None:
         if not self.finished.done():
@@ -147,7 +175,7 @@ class UploadServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # --- upload endpoints --------------------------------------------------------------------
-    async def _handle(self, endpoint: Endpoint, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, endpoint: Endpoint, request: UploadRequest) -> web.StreamResponse:
         if not self._authorized(request):
             log.warning("refused request without a valid client certificate path=%s", endpoint.path)
             return web.Response(status=401, text="client certificate required")
@@ -175,14 +203,19 @@ class UploadServer:
                 source: Source = found
             else:
                 source = BodySource(
-                    request.content.read, request.content_length, f"upload {endpoint.path}"
+                    request.content.read,
+                    request.content_length,
+                    f"upload {endpoint.path}",
+                    blocking=getattr(request.content, "blocking", None),
                 )
             return await self._process(endpoint, request, source)
         except BaseException:
             self._release()
             raise
 
-    async def _form_source(self, request: web.Request) -> BodySource | web.Response:
+    async def _form_source(self, request: UploadRequest) -> BodySource | web.Response:
+        if not isinstance(request, web.Request):  # the front forwards forms to aiohttp
+            return self._release_with(500, "internal error: a form reached the front")
         try:
             reader = await request.multipart()
             while True:
@@ -201,7 +234,7 @@ class UploadServer:
         except (ConnectionError, OSError) as err:
             return self._release_with(400, f"the upload is incomplete: {err}")
 
-    async def _put(self, endpoint: Endpoint, request: web.Request) -> web.StreamResponse:
+    async def _put(self, endpoint: Endpoint, request: UploadRequest) -> web.StreamResponse:
         staging = self.staging
         if staging is None:
             return web.Response(
@@ -278,7 +311,7 @@ class UploadServer:
 
     # --- processing --------------------------------------------------------------------------
     async def _process(
-        self, endpoint: Endpoint, request: web.Request, source: Source
+        self, endpoint: Endpoint, request: UploadRequest, source: Source
     ) -> web.StreamResponse:
         """Run the importer's pipeline over `source`; the caller holds the upload (BUSY)."""
         validated = asyncio.Event()
@@ -305,7 +338,7 @@ class UploadServer:
             return self._failed(err)
         return await self._complete(request, message)
 
-    async def _clone(self, request: web.Request) -> web.StreamResponse:
+    async def _clone(self, request: UploadRequest) -> web.StreamResponse:
         """A clone stream (importer.upload.clone); the caller holds the upload (BUSY)."""
         self.progress = ImportProgress(self.settings.owner_uid)  # a fresh counter per attempt
         try:
@@ -318,13 +351,16 @@ class UploadServer:
         return await self._complete(request, message)
 
     async def _complete(
-        self, request: web.Request, message: TerminationMessage
+        self, request: UploadRequest, message: TerminationMessage
     ) -> web.StreamResponse:
         self._succeeded(message)
         response = web.Response(text=MESSAGE_UPLOAD_COMPLETE)
         try:
-            await response.prepare(request)
-            await response.write_eof()
+            if isinstance(request, FrontRequest):
+                await request.send(response)
+            else:
+                await response.prepare(request)
+                await response.write_eof()
         except (ConnectionError, OSError) as err:
             log.info("the client left before the answer error=%s", err)
         self.finish(0)
@@ -363,11 +399,16 @@ class UploadServer:
             self.staging.discard()
 
     # --- state -------------------------------------------------------------------------------
-    def _authorized(self, request: web.Request) -> bool:
+    def _authorized(self, request: UploadRequest) -> bool:
         if self.settings.insecure:
             return True
-        transport = request.transport
-        cert = transport.get_extra_info("peercert") if transport is not None else None
+        if isinstance(request, FrontRequest):
+            cert = request.peercert
+        else:
+            transport = request.transport
+            cert = transport.get_extra_info("peercert") if transport is not None else None
+            if not cert and self.front is not None:
+                cert = self.front.peercert(transport)
         if not cert:
             return False
         for rdn in cert.get("subject", ()):

@@ -28,6 +28,7 @@ from aiohttp import StreamReader
 from importer.settings import Paths
 from importer.sources.base import CHUNK_SIZE
 from importer.sources.upload import ReadFn
+from importer.upload.frontrequest import ThreadBody
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += n
 
 
-def salvaging_reader(content: StreamReader) -> ReadFn:
+def salvaging_reader(content: StreamReader | ThreadBody) -> ReadFn:
     """`content.read`, except that bytes aiohttp had already buffered when the connection broke
     are still returned before the error (its `read` raises first and would drop them): a cut
     resumable chunk keeps everything that arrived."""

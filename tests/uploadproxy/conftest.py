@@ -3,7 +3,8 @@
 `proxy_env`: the `cluster` fixture's API server holding what the proxy reads (the client
 certificate Secret and the CA bundle ConfigMap in `cdi`, made by `helpers.Pki`; the signing key
 Secret the server made itself), a `Sink` upload server on 127.0.0.1, and the proxy app
-(`make_app`, pod-ip mode, the sink's port, short waits) served on 127.0.0.1 over plain HTTP.
+(`ProxyListener`: uploads relayed by the blocking front, the rest by the aiohttp app; pod-ip
+mode, the sink's port, short waits) served on 127.0.0.1 over plain HTTP.
 `ProxyEnv` makes PVCs with their upload pods (status.podIP 127.0.0.1), mints tokens with the
 server's signing key, and sends requests.
 """
@@ -21,7 +22,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from cdi.api import annotations as ann
 from cdi.api import jwt
@@ -32,7 +32,7 @@ from cdi.kube.errors import AlreadyExists
 from tests.support.cluster import Cluster
 from tests.uploadproxy.helpers import HOST, Pki, Sink
 from uploadproxy import naming
-from uploadproxy.app import make_app
+from uploadproxy.listener import ProxyListener
 from uploadproxy.settings import ProxySettings, ResolveMode
 
 CDI_NAMESPACE = "cdi"
@@ -90,7 +90,7 @@ class ProxyEnv:
     http: aiohttp.ClientSession
     settings: ProxySettings = field(default_factory=ProxySettings)
     url: str = ""
-    _runners: list[web.AppRunner] = field(default_factory=list)
+    _listeners: list[ProxyListener] = field(default_factory=list)
 
     @property
     def client(self) -> Client:
@@ -99,16 +99,13 @@ class ProxyEnv:
     async def start_proxy(self, **overrides: Any) -> str:
         """Serve a proxy with `self.settings` changed by `overrides`; its base URL."""
         settings = dataclasses.replace(self.settings, **overrides)
-        runner = web.AppRunner(make_app(settings, self.client), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, HOST, 0).start()
-        self._runners.append(runner)
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}"
+        listener = await ProxyListener.start(settings, self.client, host=HOST, port=0, tls=None)
+        self._listeners.append(listener)
+        return f"http://{HOST}:{listener.port}"
 
     async def close(self) -> None:
-        for runner in self._runners:
-            await runner.cleanup()
+        for listener in self._listeners:
+            await listener.close()
 
     def token(
         self,

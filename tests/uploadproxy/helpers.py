@@ -169,6 +169,9 @@ class Answer:
     read_body: bool = True
     cut_after: int | None = None
     """Send this many bytes of `body` (announced whole), then drop the connection."""
+    before_continue: bool = False
+    """Answer a request that says `Expect: 100-continue` at once, instead of `100 Continue`:
+    what an upload server that refuses (busy, finished) does before reading the body."""
 
 
 class Sink:
@@ -237,9 +240,27 @@ class Sink:
             return response
         return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
 
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        answer = self.answers.get(request.path, self.default)
+        if not answer.before_continue:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return None
+        self.requests.append(
+            Recorded(
+                request.method,
+                request.path,
+                request.rel_url.raw_query_string,
+                CIMultiDict(request.headers),
+                0,
+                hashlib.sha256().hexdigest(),
+                "",
+            )
+        )
+        return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+
     async def start(self, directory: Path, port: int = 0) -> None:
         app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.router.add_route("*", "/{tail:.*}", self.handle, expect_handler=self.expect)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, HOST, port, ssl_context=self.ssl_context(directory))

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 
 from cdi.api import jwt
 from cdi.api.groups import DATA_VOLUME, SECRET
@@ -29,7 +28,7 @@ from tests.support.dv import NS, disk_of, dv_in, dv_manifest
 from tests.support.images import MIB, convert, patterned_raw, same_image
 from tests.support.stack import LOOP_STOP_TIMEOUT
 from tests.uploadproxy.helpers import HOST
-from uploadproxy.app import make_app
+from uploadproxy.listener import ProxyListener
 from uploadproxy.settings import ProxySettings, ResolveMode
 
 READY_TIMEOUT = 30.0
@@ -60,13 +59,11 @@ async def controllers(client: Client, command: str) -> AsyncIterator[None]:
 @contextlib.asynccontextmanager
 async def proxy(client: Client) -> AsyncIterator[str]:
     settings = ProxySettings(resolve=ResolveMode.POD_IP, ready_wait=5, ready_poll=0.2)
-    runner = web.AppRunner(make_app(settings, client), access_log=None)
-    await runner.setup()
+    listener = await ProxyListener.start(settings, client, host=HOST, port=0, tls=None)
     try:
-        await web.TCPSite(runner, HOST, 0).start()
-        yield f"http://{HOST}:{runner.addresses[0][1]}"
+        yield f"http://{HOST}:{listener.port}"
     finally:
-        await runner.cleanup()
+        await listener.close()
 
 
 async def test_upload_through_the_proxy_into_a_data_volume(node: Cluster, tmp_path: Path) -> None:

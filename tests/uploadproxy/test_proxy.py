@@ -178,7 +178,7 @@ async def test_tokens_are_never_logged(
     await proxy_env.send("/v1beta1/upload", token=proxy_env.token("x", operation="Clone"))
     lines = [r.getMessage() for r in caplog.records]
     assert not [line for line in lines if token[:40] in line or token[-40:] in line]
-    mine = [r.getMessage() for r in caplog.records if r.name == "uploadproxy.app"]
+    mine = [r.getMessage() for r in caplog.records if r.name == "uploadproxy.upstream"]
     assert any("pvc=default/x status=200 sent=3" in line for line in mine), mine
 
 
@@ -653,6 +653,24 @@ async def test_client_going_away_mid_upload_is_logged_and_harmless(
     reply = await proxy_env.send("/v1beta1/upload", token=proxy_env.token("x"), data=b"abc")
     assert reply.status == 200
     assert proxy_env.sink.requests[-1].size == 3
+
+
+async def test_refusal_before_the_body_reaches_the_client_with_no_body_sent(
+    proxy_env: ProxyEnv,
+) -> None:
+    """The relay sends `Expect: 100-continue` upstream: an upload server that refuses at once
+    (busy, finished) answers before a body byte moves, and the client gets that answer."""
+    await proxy_env.pvc("x")
+    token = proxy_env.token("x")
+    proxy_env.sink.answer(status=503, body=b"upload already in progress", before_continue=True)
+    reply = await proxy_env.send("/v1beta1/upload", token=token, data=io.BytesIO(bytes(8 * MIB)))
+    assert (reply.status, reply.text) == (503, "upload already in progress")
+    refused = proxy_env.sink.requests[-1]
+    assert (refused.headers["Expect"], refused.size) == ("100-continue", 0)
+    proxy_env.sink.answer(status=200, body=b"ok")
+    reply = await proxy_env.send("/v1beta1/upload", token=token, data=io.BytesIO(bytes(3 * MIB)))
+    assert (reply.status, reply.text) == (200, "ok")
+    assert proxy_env.sink.requests[-1].size == 3 * MIB
 
 
 async def test_answer_breaking_off_cuts_the_client_connection(
