@@ -442,7 +442,7 @@ class ProcUsage:
     children_peak_rss: int = 0
     """Largest sampled summed RSS of its descendants."""
     main_thread_cpu_s: float = 0.0
-    """CPU of the main thread alone: for our servers, the event loop (TLS, HTTP, handlers)."""
+    """CPU of the main thread alone: for our servers, the event loop (control, not bodies)."""
     busiest_other_thread_cpu_s: float = 0.0
     """CPU of the busiest other thread (the server's pipeline and writer threads)."""
     minor_faults: int = 0
@@ -1733,7 +1733,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     print(
         "\nCPU seconds while curl ran (fastest run of each; loop/thread: the server's event-loop"
-        " thread\n(TLS, HTTP, reading the body) / its busiest other thread (pipeline, writer);"
+        " thread\n(control only: bodies are read by the connection's thread) / its busiest other"
+        " thread (receiving, TLS, pipeline);"
         f" qemu-img: children it reaped;\nhost busy: all CPUs (at most {os.cpu_count()} x"
         " wall); foreign: other processes on the machine meanwhile;\nsink: server is the sink"
         " process, from accept() to its exit):"

@@ -8,7 +8,10 @@ order (§6.5, see `uploadproxy.auth` and `uploadproxy.target`):
     Authorization → 400 / 401 / 400;  PVC ready within the wait → 503;  content type → 503;
     forward to the upload server (mutual TLS, streamed both ways) → its answer, or 502/503
 
-`/healthz` answers 200 "OK" without authentication. CORS as CDI's (`rs/cors` AllowAll): any
+Uploads from programs (virtctl, curl, `cdi image-upload`) are relayed by blocking threads
+(`uploadproxy.relay`, served with this app by `uploadproxy.listener`) after the same checks
+(`locate`); this app answers browsers and anything the relay forwards. `/healthz` answers 200 "OK"
+without authentication. CORS as CDI's (`rs/cors` AllowAll): any
 origin, method and header; a preflight (`OPTIONS` with `Origin` and
 `Access-Control-Request-Method`) is answered 204 on any path; other answers to a request with
 an `Origin` carry `Access-Control-Allow-Origin: *` and expose `Upload-Offset` (so a browser can

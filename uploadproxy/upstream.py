@@ -7,10 +7,12 @@ namespace and read through the API. The `ssl.SSLContext` made from them is kept,
 (at most every `reload_interval` seconds) after a TLS failure or a 401 from an upload server:
 the controller re-issues the client certificate and rotates the CA in place.
 
-Streaming: the request body is an async generator over `request.content.iter_chunked(chunk)`,
-so aiohttp reads the client only as fast as the upload server takes the bytes (the server side
-pauses the socket when its buffer is full; the client side drains after each write) and one
-upload holds a chunk and the socket buffers, whatever its size. The response comes back the same
+`Forwarder` serves the requests the blocking relay (`uploadproxy.relay`) leaves to the aiohttp
+app: those from browsers (CORS). Streaming: the request body is an async generator over
+`request.content.iter_chunked(chunk)`, so aiohttp reads the client only as fast as the upload
+server takes the bytes (the server side pauses the socket when its buffer is full; the client
+side drains after each write) and one upload holds a chunk and the socket buffers, whatever its
+size. The response comes back the same
 way. Method, path, query and the headers an upload server reads (Content-Type, Content-Length,
 Content-Range, `x-cdi-content-type`, User-Agent, Accept) go through; the bearer token does not.
 Every response header but the hop-by-hop ones comes back (Upload-Offset included). Redirects

@@ -40,6 +40,8 @@ HANDSHAKE_TIMEOUT: Final = 30.0
 IDLE_TIMEOUT: Final = 75.0  # between requests on a kept-alive connection (aiohttp's default)
 STALL_TIMEOUT: Final = 300.0  # no byte of a body, or of forwarded traffic, for this long: cut
 LINGER_SECONDS: Final = 10.0  # reading the rest of a body answered early (aiohttp's lingering)
+MAX_CONNECTIONS: Final = 256
+"""Connections served at once (a thread each); more wait in the listen backlog."""
 FORWARD_BUFFER: Final = 1 << 20  # per direction, while the other side is slower
 FORWARD_RECV: Final = 256 << 10
 
@@ -121,6 +123,7 @@ class HttpFront:
         self._forwarded: dict[int, PeerCert | None] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.create_server((host, port), family=family, backlog=128)
         self.port: int = self._listener.getsockname()[1]
@@ -150,15 +153,25 @@ class HttpFront:
     # --- connections -----------------------------------------------------------------------
     def _accept(self) -> None:
         while not self._closed.is_set():
+            self._slots.acquire()
             try:
                 raw, _ = self._listener.accept()
-            except OSError:
+            except OSError as err:
+                self._slots.release()
                 if self._closed.is_set():
                     return
+                log.warning("accept failed error=%s", err)
+                self._closed.wait(0.1)  # EMFILE and the like: do not spin
                 continue
             threading.Thread(
-                target=self._serve, args=(raw,), name=f"{self._name}-conn", daemon=True
+                target=self._serve_counted, args=(raw,), name=f"{self._name}-conn", daemon=True
             ).start()
+
+    def _serve_counted(self, raw: socket.socket) -> None:
+        try:
+            self._serve(raw)
+        finally:
+            self._slots.release()
 
     def _serve(self, raw: socket.socket) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -1,10 +1,12 @@
 """Upload sources: the bytes of an HTTP request body, or of a staged (resumable) upload.
 
-`BodySource` reads whatever `read(n)` returns (an aiohttp request's `content.readany`, or a
+`BodySource` reads whatever `read(n)` returns (an aiohttp request's `content.read`, or a
 multipart part's `read_chunk`) and hands the pipeline chunks of about CHUNK_SIZE. It reads only
 when the pipeline asks for more, so the request's own flow control (aiohttp pauses the socket when
-its buffer is full) bounds memory whatever the body size. There are no ranges: an image that needs
-conversion goes through scratch, as from an HTTP server without Range support.
+its buffer is full) bounds memory whatever the body size. A body the upload server's blocking
+front received (`blocking`) is instead read by the pipeline's worker thread itself, straight from
+the socket (`blocking_reader`). There are no ranges: an image that needs conversion goes through
+scratch, as from an HTTP server without Range support.
 
 `StagedFileSource` reads a local file holding a whole resumable upload; it tells the pipeline the
 file's path so that an image that needs conversion is converted from it in place.

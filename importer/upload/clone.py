@@ -23,9 +23,10 @@ zero range when preallocation is asked), zero writes where that is not supported
 The target's room is checked from the stream's header (or Content-Length) before anything is
 written: a source larger than the target is a 400 naming both sizes. A stream that is malformed
 or cut is a 400 and what it wrote to disk.img is removed, so the server takes the next attempt
-cleanly. The body is read by a worker thread through a blocking bridge to the event loop, so
-the parsing, zstd and tar code is plain synchronous code, and memory stays at a few READ_SIZE
-buffers whatever the volume size.
+cleanly. The body is read by a worker thread: straight from the socket when the upload
+server's blocking front received it (the usual case), else through a blocking bridge to the
+event loop (a request aiohttp served). So the parsing, zstd and tar code is plain synchronous
+code, and memory stays at a few READ_SIZE buffers whatever the volume size.
 """
 
 from __future__ import annotations
