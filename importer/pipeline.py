@@ -414,7 +414,11 @@ class ImportRun:
             scratch = s.paths.scratch_image
             stat = os.statvfs(s.paths.scratch_dir)
             writer = StreamWriter(
-                scratch, limit=stat.f_bavail * stat.f_frsize, is_block=False, sparse=True
+                scratch,
+                limit=stat.f_bavail * stat.f_frsize,
+                is_block=False,
+                sparse=True,
+                durable=False,
             )
             route = _Route.SCRATCH
         else:
