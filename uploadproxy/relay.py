@@ -150,7 +150,10 @@ class Relay:
         try:
             conn = Connection(upstream)
             body = exchange.body
-            upstream.sendall(self._head(exchange.head, target, body))
+            try:
+                upstream.sendall(self._head(exchange.head, target, body))
+            except OSError as err:
+                raise self._failed(target, err) from None
             answer: ResponseHead | None = None
             if body.length != 0:
                 upstream.settimeout(CONTINUE_WAIT)
