@@ -93,7 +93,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-from benchlib import MIB, fmt, measure, sparse_diff, table, tool_version
+from benchlib import MIB, fmt, measure, memory_state, sparse_diff, table, tool_version
 from upload import (
     BenchError,
     clean_env,
@@ -1572,6 +1572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     suites: list[Suite] = []
     errors: list[str] = []
     warnings: list[str] = []
+    memory = memory_state()
     wall0 = time.perf_counter()
     with sigterm_interrupts(), work_dir(args.keep) as work:
         log(f"work dir {work}")
@@ -1604,6 +1605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" data in {sizes.extent // MIB} MiB extents; best/median of {args.repeat} runs; ratios"
         " of best times)"
     )
+    print(memory)
     for suite in suites:
         src = suite.source
         print(

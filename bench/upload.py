@@ -81,7 +81,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import MIB, fmt, free_port, table, tool_version
+from benchlib import MIB, fmt, free_port, memory_state, table, tool_version
 
 from cdi.controller.certs import KeyPair, create_ca, issue_client_cert, issue_server_cert
 from cdi.provisioner import volume_path
@@ -1649,6 +1649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     proxy_idle: int | None = None
     proxy_hwm: int | None = None
     failed = False
+    memory = memory_state()
     wall0 = time.perf_counter()
     with work_dir(args) as work:
         log(f"work dir {work}")
@@ -1713,6 +1714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" random data; curl -T -X POST /v1beta1/upload; best/median of {args.repeat} runs;"
         " ratios of best times; RSS in MiB)"
     )
+    print(memory)
     print(main_table(results))
     print(
         "\n(a) curl -> cdi-uploadproxy (TLS) -> upload server pod (mutual TLS); (b) curl -> "
