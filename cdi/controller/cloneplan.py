@@ -7,8 +7,11 @@ still being filled, a snapshot being taken) or `Ready` with the claim to create:
 
 * size: with the storage API and no size, the source's size: a Block source's capacity, a
   Filesystem source's usable size (what its disk image may take), inflated by the target's
-  filesystem overhead for a Filesystem target. A target smaller than the source is refused
-  (`Failed`, CDI's ErrIncompatiblePVC wording) unless the DataVolume is annotated
+  filesystem overhead for a Filesystem target. A host-assisted copy of a Filesystem kubevirt
+  source takes the virtual size of its image instead, read by CDI's size-detection pod
+  (`cdi.controller.sizedetection`; `Waiting` with its reasons until it answered). A target
+  smaller than the source is refused (`Failed`, CDI's ErrIncompatiblePVC wording) unless the
+  DataVolume is annotated
   `cdi.kubevirt.io/permissiveClone: "true"`. Content types must match.
 * strategy: the DataVolume's `cdi.kubevirt.io/clone-strategy` annotation (set by `cdi clone
   --strategy`), else the CDI resource's `spec.cloneStrategyOverride`, else the target class's
@@ -51,6 +54,7 @@ from cdi.api.groups import (
 from cdi.api.phases import CloneStrategy, DataVolumePhase, PodPhase
 from cdi.api.quantity import QuantityError
 from cdi.api.space import required_size, usable_size
+from cdi.controller import sizedetection
 from cdi.controller.config import class_overhead
 from cdi.controller.rendering import decimal_si
 from cdi.kube.client import Client
@@ -69,6 +73,7 @@ SNAPSHOT_PREFIX: Final = "tmp-snapshot-"
 #: On every clone target (any strategy): `<namespace>/<name>` of the source, for status messages.
 CLONE_SOURCE_ANNOTATION: Final = "cdi.kubevirt.io/storage.clone.source"
 WAIT: Final = 2.0
+SIZE_POLL: Final = 1.0  # the size-detection pod is not watched: look again this often
 CN_MAX: Final = 64
 
 
@@ -214,6 +219,8 @@ class _Context:
     classes: list[Obj]
     profiles: list[Obj]
     config_status: Mapping[str, Any]
+    local: bool = False
+    size_from_source: bool = False  # the DataVolume gave no size: `_size` took the source's
 
     @property
     def namespace(self) -> str:
@@ -240,10 +247,11 @@ async def plan_clone(
     classes: list[Obj],
     profiles: list[Obj],
     config_status: Mapping[str, Any],
+    local: bool = False,
 ) -> Waiting | Ready:
     source = clone_source(dv)
     assert source is not None
-    ctx = _Context(client, dv, manifest, classes, profiles, config_status)
+    ctx = _Context(client, dv, manifest, classes, profiles, config_status, local)
     if source.kind == "snapshot":
         return await _plan_from_snapshot(ctx, source)
     try:
@@ -280,6 +288,8 @@ async def plan_clone(
     annotations[ann.CLONE_TYPE] = strategy.value
     annotations[CLONE_SOURCE_ANNOTATION] = str(source)
     if strategy == CloneStrategy.COPY:
+        if waiting := await _detected_size(ctx, src):
+            return waiting
         annotations[ann.CLONE_REQUEST] = str(source)
         annotations[ann.UPLOAD_CLIENT_NAME] = clone_client_name(source, ctx.namespace, ctx.name)
         return Ready(manifest, events)
@@ -324,6 +334,7 @@ def _size(ctx: _Context, src: Mapping[str, Any], source: CloneSource) -> str | N
     requests = spec.setdefault("resources", {}).setdefault("requests", {})
     source_bytes = usable(src, claim_capacity(src), ctx.config_status)
     if _bytes(requests.get("storage", "0")) == 0:
+        ctx.size_from_source = True
         size = source_bytes
         if volume_mode(ctx.manifest) != VolumeMode.BLOCK:
             size = required_size(size, _overhead(ctx.config_status, ctx.manifest))
@@ -339,6 +350,29 @@ def _size(ctx: _Context, src: Mapping[str, Any], source: CloneSource) -> str | N
             f"{source} {source_bytes} bytes ({_gib(source_bytes)}); request more, or annotate "
             f"the DataVolume {ann.PERMISSIVE_CLONE}=true"
         )
+    return None
+
+
+async def _detected_size(ctx: _Context, src: Obj) -> Waiting | None:
+    """A host-assisted copy with no size, of a Filesystem kubevirt source: the target is sized
+    from the virtual size of the source's image, as CDI's size-detection pod reads it (a smart
+    clone keeps the source's size: a restored volume cannot be smaller than its snapshot)."""
+    content = _annotations(src).get(ann.CONTENT_TYPE) or ContentType.KUBEVIRT.value
+    if (
+        not ctx.size_from_source
+        or volume_mode(src) == VolumeMode.BLOCK
+        or content != ContentType.KUBEVIRT
+    ):
+        return None
+    found = await sizedetection.detect(
+        ctx.client, src, cdi_config_status=ctx.config_status, local=ctx.local
+    )
+    if isinstance(found, sizedetection.Pending):
+        return Waiting(DataVolumePhase.PENDING, found.reason, found.message, requeue=SIZE_POLL)
+    size = found
+    if volume_mode(ctx.manifest) != VolumeMode.BLOCK:
+        size = required_size(size, _overhead(ctx.config_status, ctx.manifest))
+    ctx.manifest["spec"]["resources"]["requests"]["storage"] = decimal_si(size)
     return None
 
 

@@ -200,8 +200,9 @@ def _is_owned_by(pvc: Mapping[str, Any], dv: Mapping[str, Any]) -> bool:
 class DataVolumeReconciler:
     """Reconciles one DataVolume key; see the module docstring."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, *, local: bool = False) -> None:
         self.client = client
+        self.local = local  # pods (size detection) run on the local node agent
 
     async def __call__(self, request: Request) -> Result:
         try:
@@ -274,6 +275,7 @@ class DataVolumeReconciler:
                 classes=classes,
                 profiles=profiles,
                 config_status=dict(config["status"]),
+                local=self.local,
             )
             if isinstance(plan, Waiting):
                 return await self._clone_waiting(dv, plan)

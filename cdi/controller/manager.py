@@ -144,7 +144,7 @@ async def run_controllers(
         client,
         name="datavolume",
         primary=DATA_VOLUME,
-        reconcile=DataVolumeReconciler(client),
+        reconcile=DataVolumeReconciler(client, local=local),
         workers=WORKERS,
     )
     datavolumes.watch_owned(PERSISTENT_VOLUME_CLAIM, owner_kind=DATA_VOLUME.kind)

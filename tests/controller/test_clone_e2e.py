@@ -12,12 +12,14 @@ import contextlib
 import hashlib
 import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cdi.api import annotations as ann
+from cdi.api import parse_size
 from cdi.api.groups import (
     CDI_CONFIG,
     CDI_CONFIG_NAME,
@@ -150,8 +152,74 @@ async def test_copy_filesystem_to_filesystem_empty_size(stack: Cluster) -> None:
     assert annotations[ann.CLONE_REQUEST] == f"{NS}/src"
     assert annotations[ann.CLONE_TYPE] == "copy"
     reasons = await _reasons(client, "copy")
-    assert {"CloneScheduled", "CloneSucceeded"} <= reasons, reasons
+    assert {"CloneScheduled", "CloneSucceeded", "SizeDetectionPodCreated"} <= reasons, reasons
+    # The size-detection pod's answer is cached on the source; the pod is gone.
+    source = await client.get(PERSISTENT_VOLUME_CLAIM, "src", NS)
+    cached = source["metadata"]["annotations"]
+    assert cached[ann.SOURCE_VIRTUAL_SIZE] == str(size)
+    assert cached[ann.SOURCE_CAPACITY] == source["status"]["capacity"]["storage"]
     await eventually(lambda: _no_clone_pods(client), within=15.0, what="clone pods deleted")
+    await eventually(lambda: _no_size_pods(client), within=15.0, what="size-detection pod deleted")
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True, timeout=60)
+
+
+async def _no_size_pods(client: Client) -> bool:
+    items, _ = await client.list(POD)
+    return not [p for p in items if p["metadata"]["name"].startswith("size-detection-")]
+
+
+async def test_empty_size_copy_takes_the_image_virtual_size(stack: Cluster) -> None:
+    """CDI's size detection: the target of a host-assisted copy with no size is sized from the
+    virtual size of the source's image (here 8 MiB in a 64 MiB volume), not from the source
+    volume; a second clone of the same source uses the cached size (no new pod)."""
+    client = stack.client
+    src, _, _ = await _source(client, "roomy-src", size="64Mi")
+    os.truncate(src, 8 * MIB)
+    digest = _sha256(src)
+    await client.create(DATA_VOLUME, clone_dv("fitted", "roomy-src"))
+    dv = await dv_in(client, "fitted", "Succeeded", "Failed", within=CLONE_TIMEOUT)
+    assert dv["status"]["phase"] == "Succeeded", dv["status"]
+    pvc = await client.get(PERSISTENT_VOLUME_CLAIM, "fitted", NS)
+    requested = parse_size(pvc["spec"]["resources"]["requests"]["storage"])
+    assert 8 * MIB <= requested < 16 * MIB, pvc["spec"]["resources"]
+    assert _sha256(await disk_of(client, "fitted"), 8 * MIB) == digest
+    assert _sha256(src) == digest
+    assert "SizeDetectionPodCreated" in await _reasons(client, "fitted")
+    await client.create(DATA_VOLUME, clone_dv("fitted-again", "roomy-src"))
+    dv = await dv_in(client, "fitted-again", "Succeeded", "Failed", within=CLONE_TIMEOUT)
+    assert dv["status"]["phase"] == "Succeeded", dv["status"]
+    assert "SizeDetectionPodCreated" not in await _reasons(client, "fitted-again")
+
+
+async def test_size_detection_refusing_the_image_keeps_the_clone_pending(
+    stack: Cluster,
+) -> None:
+    """A source image the inspector refuses (a qcow2 naming a backing file) is never read by
+    qemu-img: the pod fails, the DataVolume stays Pending saying why, nothing is created."""
+    client = stack.client
+    src, _, _ = await _source(client, "odd-src")
+    backing = src.parent / "base.raw"
+    backing.write_bytes(bytes(MIB))
+    src.unlink()
+    qemu_img("create", "-f", "qcow2", "-b", str(backing), "-F", "raw", str(src))
+    digest = _sha256(src)
+    await client.create(DATA_VOLUME, clone_dv("odd", "odd-src"))
+
+    async def failed_and_said() -> bool:
+        dv = await client.get(DATA_VOLUME, "odd", NS)
+        return (
+            "SizeDetectionPodFailed" in await _reasons(client, "odd")
+            and (dv.get("status") or {}).get("phase") == "Pending"
+        )
+
+    await eventually(failed_and_said, within=CLONE_TIMEOUT, what="size detection failed")
+    with contextlib.suppress(NotFound):
+        await client.get(PERSISTENT_VOLUME_CLAIM, "odd", NS)
+        raise AssertionError("a PVC was created for a clone whose size is unknown")
+    assert _sha256(src) == digest
 
 
 async def test_copy_between_volume_modes(stack: Cluster) -> None:

@@ -117,6 +117,10 @@ class CdiServer:
             str(port),
             "--token-file",
             str(self.token_file),
+            # A free port for the proxy too, also on a restart with a fixed API port (which
+            # means 8443 by default): test workers run servers side by side.
+            "--upload-proxy-port",
+            "0",
         ]
         if not self.controllers:
             # Tests of the API hold it to Kubernetes' semantics: no controller may rewrite the
