@@ -11,20 +11,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import ssl
 import sys
 import time
-from pathlib import Path
 from typing import Final
 
-from cdi.api import MESSAGE_CLONE_COMPLETE, encode_failure, env
+from cdi.api import MESSAGE_CLONE_COMPLETE, encode_failure
 from cdi.image.metricsserver import MetricsServer
+from cdi.image.worker import configure_logging, write_termination
 from cloner.client import ClientTls, clone_headers, send
 from cloner.errors import EXIT_FAILED, EXIT_SETTINGS, CloneError, SettingsError
 from cloner.metrics import CloneProgress
-from cloner.settings import CDI_LOG_LEVEL, CloneSettings, Compression, Content
+from cloner.settings import CloneSettings, Compression, Content
 from cloner.stream import ArchiveSource, Body, Counts, DiskSource, Source, zstd_chunks
 
 log = logging.getLogger("cloner")
@@ -68,33 +67,6 @@ line "clone complete wire_bytes=... data_bytes=... seconds=... mib_per_s=..."); 
 line of text when the clone failed (unreachable server, TLS, refusal with the server's
 answer, unreadable source); 2 and one line naming the variable on bad settings.
 """
-
-
-def configure_logging() -> None:
-    level = os.environ.get(CDI_LOG_LEVEL, "INFO").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-
-
-def _termination_path() -> Path | None:
-    override = os.environ.get(env.CDI_TERMINATION_LOG, "").strip()
-    if override:
-        return Path(override)
-    default = Path(env.DEFAULT_TERMINATION_LOG)
-    return default if default.exists() else None  # by hand there is no kubelet file
-
-
-def write_termination(text: str) -> None:
-    path = _termination_path()
-    if path is None:
-        return
-    try:
-        path.write_text(text)
-    except OSError as err:
-        log.warning("cannot write termination log path=%s error=%s", path, err)
 
 
 def _fail(message: str, code: int) -> int:

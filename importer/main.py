@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
-from pathlib import Path
 
-from cdi.api import MESSAGE_SCRATCH_REQUIRED, TerminationMessage, encode_failure, env
+from cdi.api import MESSAGE_SCRATCH_REQUIRED, TerminationMessage, encode_failure
 from cdi.image.metricsserver import MetricsServer
+from cdi.image.worker import configure_logging, write_termination
 from importer.errors import ImporterError, ProcessingError, ScratchSpaceRequired
 from importer.metrics import ImportProgress
 from importer.pipeline import run_import
@@ -50,35 +49,6 @@ Paths (CDI's in-pod paths unless overridden, so it runs anywhere):
 Exit status: 0 and a JSON termination message on success (also when scratch space is
 required), 1 and one line of text on failure.
 """
-
-
-def _termination_path() -> Path | None:
-    override = os.environ.get(env.CDI_TERMINATION_LOG, "").strip()
-    if override:
-        return Path(override)
-    default = Path(env.DEFAULT_TERMINATION_LOG)
-    return default if default.exists() else None  # by hand there is no kubelet file
-
-
-def write_termination(text: str) -> None:
-    """Write the termination message where the kubelet (or CDI_TERMINATION_LOG) wants it."""
-    path = _termination_path()
-    if path is None:
-        return
-    try:
-        path.write_text(text)
-    except OSError as err:
-        log.warning("cannot write termination log path=%s error=%s", path, err)
-
-
-def configure_logging() -> None:
-    """The workers' log format on stderr, level from CDI_LOG_LEVEL."""
-    level = os.environ.get("CDI_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
 
 
 def run(settings: ImporterSettings) -> int:

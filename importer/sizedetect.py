@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from cdi.api import env
 from cdi.image import qemuimg
 from cdi.image.errors import ImageError
 from cdi.image.formats import COMPRESSION_FORMATS, inspect_file
-from importer.main import configure_logging
+from cdi.image.worker import configure_logging, termination_path
 
 log = logging.getLogger("importer.sizedetect")
 
@@ -53,10 +52,6 @@ async def virtual_size(path: Path) -> int:
     return info.virtual_size
 
 
-def _termination_path() -> Path:
-    return Path(os.environ.get(env.CDI_TERMINATION_LOG, "").strip() or env.DEFAULT_TERMINATION_LOG)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(
         prog="cdi-image-size-detection",
@@ -79,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cdi-image-size-detection: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_UNKNOWN
     try:
-        _termination_path().write_text(str(size))
+        # CDI's pod always has the file: writing it is the point, so a missing one is exit 4.
+        (termination_path() or Path(env.DEFAULT_TERMINATION_LOG)).write_text(str(size))
     except OSError as err:
         print(
             f"cdi-image-size-detection: cannot write the termination message: {err}",

@@ -20,8 +20,8 @@ from aiohttp import web
 
 from cdi.api import encode_failure
 from cdi.image.httpfront import HttpFront
+from cdi.image.worker import configure_logging, write_termination
 from importer.errors import ImporterError
-from importer.main import configure_logging, write_termination
 from importer.upload.server import UploadServer
 from importer.upload.settings import UploadSettings
 

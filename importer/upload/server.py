@@ -48,7 +48,7 @@ from cdi.api import (
 from cdi.api.termination import MESSAGE_DEADLINE_PASSED
 from cdi.image.httpfront import Exchange, HttpFront, Native
 from cdi.image.httpwire import RequestHead
-from importer.main import write_termination
+from cdi.image.worker import write_termination
 from importer.metrics import ImportProgress
 from importer.pipeline import ImportRun
 from importer.sources import Source
