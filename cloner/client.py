@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
-import io
 import logging
 import os
 import select
@@ -42,6 +40,8 @@ from cdi.api.clonestream import (
     EXTENTS_V1,
     PREALLOCATION_HEADER,
 )
+from cdi.image.httpwire import Body as HttpBody
+from cdi.image.httpwire import Connection, HeadError
 from cloner.errors import CloneError, SettingsError
 from cloner.settings import CloneSettings, Compression, Content, Tls
 from cloner.stream import Body, BodyStopped
@@ -307,7 +307,7 @@ class Exchange:
                 return self._answer(sock, early, STALL_TIMEOUT)
             # The server fsyncs before it answers: no time limit, keepalive finds a dead peer.
             return self._answer(sock, b"", None)
-        except (OSError, http.client.HTTPException) as err:
+        except (OSError, HeadError) as err:
             raise self._broke(err) from None
 
     def _send(self, sock: socket.socket) -> bytes | None:
@@ -353,7 +353,7 @@ class Exchange:
             except ssl.SSLError as tls_err:
                 if _alert(tls_err):
                     raise self._broke(tls_err) from None
-            except (OSError, http.client.HTTPException):
+            except (OSError, HeadError):
                 pass
         raise self._broke(err) from None
 
@@ -368,18 +368,19 @@ class Exchange:
     def _answer(self, sock: socket.socket, start: bytes, timeout: float | None) -> Answer:
         """The status and text of the server's answer (`start`: its first bytes, if read)."""
         sock.settimeout(timeout)
-        response = http.client.HTTPResponse(_Replay(sock, start), method="POST")  # type: ignore[arg-type]
+        conn = Connection(sock, start)
+        head = conn.read_response_head()
+        while 100 <= head.status < 200:
+            head = conn.read_response_head()
         try:
-            response.begin()
-            try:
-                data = response.read(ANSWER_LIMIT)
-            except http.client.IncompleteRead as err:
-                data = err.partial
-            except (OSError, http.client.HTTPException):
-                data = b""  # the status says what matters
-        finally:
-            response.close()
-        return Answer(response.status, data.decode("utf-8", errors="replace").strip())
+            length = head.framing("POST")
+            if length == -1:
+                data = conn.read_until_close(ANSWER_LIMIT)
+            else:
+                data = HttpBody(conn, length, expect_continue=False).read(ANSWER_LIMIT)
+        except (OSError, HeadError):
+            data = b""  # the status says what matters
+        return Answer(head.status, data.decode("utf-8", errors="replace").strip())
 
 
 def _source_failure(err: BaseException) -> CloneError:
@@ -422,31 +423,3 @@ def _early_answer(sock: socket.socket) -> bytes | None:
     if not data:
         raise ConnectionResetError("the upload server closed the connection")
     return data
-
-
-class _Replay:
-    """A socket for http.client.HTTPResponse whose first bytes were already read."""
-
-    def __init__(self, sock: socket.socket, start: bytes) -> None:
-        self.sock = sock
-        self.start = start
-
-    def makefile(self, mode: str) -> io.BufferedReader:
-        return io.BufferedReader(_ReplayReader(self.sock, self.start))
-
-
-class _ReplayReader(io.RawIOBase):
-    def __init__(self, sock: socket.socket, start: bytes) -> None:
-        self.sock = sock
-        self.start = start
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        if self.start:
-            n = min(len(buffer), len(self.start))
-            buffer[:n] = self.start[:n]
-            self.start = self.start[n:]
-            return n
-        return self.sock.recv_into(buffer)

@@ -106,9 +106,9 @@ class ResponseHead:
 class Connection:
     """A blocking socket with the bytes read past the last head kept for what comes next."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, buffered: bytes = b"") -> None:
         self.sock = sock
-        self._buffer = bytearray()
+        self._buffer = bytearray(buffered)  # bytes already read from `sock`, if any
 
     def read_head(self) -> RequestHead | None:
         """The next request head; None when the peer closed before sending a byte of one."""
