@@ -48,14 +48,8 @@ LEAK_GRACE_S = 3.0
 
 def _read_stat(pid: int) -> tuple[int, int] | None:
     """(ppid, session) of a process from /proc/<pid>/stat, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return None
-    # comm may hold spaces and parentheses: the fields start after the last ')'
-    fields = data[data.rfind(b")") + 2 :].split()
-    return int(fields[1]), int(fields[3])
+    fields = pid_stat(pid)
+    return None if fields is None else (int(fields[1]), int(fields[3]))
 
 
 def _read_rss(pid: int) -> int | None:
@@ -67,7 +61,30 @@ def _read_rss(pid: int) -> int | None:
         return None
 
 
-def _read_status_kib(pid: int, keys: Sequence[str]) -> dict[str, int]:
+def read_bytes(path: str) -> bytes:
+    """A file's bytes; b"" when it is gone (a /proc file of a process that exited)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
+def stat_fields(path: str) -> list[bytes] | None:
+    """The fields of a /proc stat file (`/proc/<pid>/stat`, or a task's) after the command
+    name, state first; None when the process is gone."""
+    data = read_bytes(path)
+    if not data:
+        return None
+    # comm may hold spaces and parentheses: the fields start after the last ')'
+    return data[data.rfind(b")") + 2 :].split()
+
+
+def pid_stat(pid: int) -> list[bytes] | None:
+    return stat_fields(f"/proc/{pid}/stat")
+
+
+def vm_bytes(pid: int, keys: Sequence[str] = ("VmRSS", "VmHWM")) -> dict[str, int]:
     """Selected `Vm*` lines of /proc/<pid>/status, in bytes."""
     found: dict[str, int] = {}
     try:
@@ -170,7 +187,7 @@ class TreeSampler:
                 procs += 1
                 if pid not in self.seen:
                     self.seen[pid] = _comm(pid)
-        status = _read_status_kib(self.root, ("VmRSS", "VmHWM"))
+        status = vm_bytes(self.root)
         if "VmRSS" in status:
             self.main_peak_rss = max(self.main_peak_rss, status["VmRSS"])
         if "VmHWM" in status:
@@ -457,18 +474,21 @@ class NginxServer:
 # output checks
 
 
-def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    offset = 0
-    while offset < size:
+def data_ranges(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The data (not hole) ranges of an open file within [start, end)."""
+    offset = start
+    while offset < end:
         try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
+            first = os.lseek(fd, offset, os.SEEK_DATA)
         except OSError as err:
             if err.errno == errno.ENXIO:  # only a hole is left
                 return
             raise
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        yield start, end
-        offset = end
+        if first >= end:
+            return
+        last = min(os.lseek(fd, first, os.SEEK_HOLE), end)
+        yield first, last
+        offset = last
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -481,26 +501,34 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def sparse_diff(expected: Path, actual: Path, chunk: int = 8 * MIB) -> str | None:
+def sparse_diff(
+    expected: Path, actual: Path, chunk: int = 8 * MIB, *, grown: bool = False
+) -> str | None:
     """None if both files hold the same bytes, else what differs.
 
-    Ranges that are holes in both files are equal (zeros) without being read.
+    Ranges that are holes in both files are equal (zeros) without being read. `grown`: `actual`
+    may be longer (a volume grown to its size); past `expected`'s end it must read zeros.
     """
     if not actual.exists():
         return f"{actual} does not exist"
     want, got = expected.stat().st_size, actual.stat().st_size
-    if want != got:
+    if got < want or (got > want and not grown):
         return f"size {got} != expected {want}"
     fd_a = os.open(expected, os.O_RDONLY)
     try:
         fd_b = os.open(actual, os.O_RDONLY)
         try:
-            ranges = _merge([*_data_ranges(fd_a, want), *_data_ranges(fd_b, want)])
+            ranges = _merge([*data_ranges(fd_a, 0, want), *data_ranges(fd_b, 0, want)])
             for start, end in ranges:
                 for offset in range(start, end, chunk):
                     length = min(chunk, end - offset)
                     if os.pread(fd_a, length, offset) != os.pread(fd_b, length, offset):
                         return f"content differs in [{offset}, {offset + length})"
+            for start, end in data_ranges(fd_b, want, got):
+                for offset in range(start, end, chunk):
+                    piece = os.pread(fd_b, min(chunk, end - offset), offset)
+                    if piece.count(0) != len(piece):
+                        return f"non-zero bytes in [{offset}, {offset + len(piece)}) past the end"
         finally:
             os.close(fd_b)
     finally:

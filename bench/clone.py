@@ -74,7 +74,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import json
 import os
 import platform
@@ -93,7 +92,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-from benchlib import MIB, fmt, measure, memory_state, sparse_diff, table, tool_version
+from benchlib import (
+    MIB,
+    data_ranges,
+    fmt,
+    measure,
+    memory_state,
+    pid_stat,
+    read_bytes,
+    sparse_diff,
+    table,
+    tool_version,
+    vm_bytes,
+)
 from upload import (
     BenchError,
     clean_env,
@@ -203,66 +214,10 @@ class Sizes:
         return [(i * stride, self.extent) for i in range(count)]
 
 
-def data_ranges(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """The data (not hole) ranges of an open file within [start, end)."""
-    offset = start
-    while offset < end:
-        try:
-            first = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as err:
-            if err.errno == errno.ENXIO:  # only a hole is left
-                return
-            raise
-        if first >= end:
-            return
-        last = min(os.lseek(fd, first, os.SEEK_HOLE), end)
-        yield first, last
-        offset = last
-
-
-def _merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(ranges):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def same_volume(source: Path, target: Path, chunk: int = 8 * MIB) -> str | None:
-    """None if `target` holds `source`'s bytes, else what differs. A target larger than the
-    source (grown to its volume's size) must read zeros past the source's end. Sparse-aware:
-    benchlib.sparse_diff for equal sizes, the same method over the common part otherwise."""
-    if not target.exists():
-        return f"{target} does not exist"
-    want, got = source.stat().st_size, target.stat().st_size
-    if got == want:
-        return sparse_diff(source, target, chunk)
-    if got < want:
-        return f"target size {got} < source size {want}"
-    fd_a = os.open(source, os.O_RDONLY)
-    try:
-        fd_b = os.open(target, os.O_RDONLY)
-        try:
-            common = _merge([*data_ranges(fd_a, 0, want), *data_ranges(fd_b, 0, want)])
-            for start, end in common:
-                for offset in range(start, end, chunk):
-                    length = min(chunk, end - offset)
-                    if os.pread(fd_a, length, offset) != os.pread(fd_b, length, offset):
-                        return f"content differs in [{offset}, {offset + length})"
-            for start, end in data_ranges(fd_b, want, got):
-                for offset in range(start, end, chunk):
-                    piece = os.pread(fd_b, min(chunk, end - offset), offset)
-                    if piece.count(0) != len(piece):
-                        return (
-                            f"non-zero bytes in [{offset}, {offset + len(piece)}) past the source"
-                        )
-        finally:
-            os.close(fd_b)
-    finally:
-        os.close(fd_a)
-    return None
+def same_volume(source: Path, target: Path) -> str | None:
+    """None if `target` holds `source`'s bytes; a target grown to its volume's size must read
+    zeros past the source's end."""
+    return sparse_diff(source, target, grown=True)
 
 
 def write_extents(path: Path, extents: Sequence[tuple[int, int]]) -> None:
@@ -355,35 +310,9 @@ def fsync_path(path: Path) -> float:
 # /proc
 
 
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except OSError:
-        return b""
-
-
-def _stat(pid: int) -> list[bytes] | None:
-    """The fields of /proc/<pid>/stat after the command name (state first)."""
-    data = _read(f"/proc/{pid}/stat")
-    if not data:
-        return None
-    return data[data.rfind(b")") + 2 :].split()
-
-
-def _status(pid: int) -> dict[str, int]:
-    found: dict[str, int] = {}
-    for line in _read(f"/proc/{pid}/status").splitlines():
-        name, _, value = line.partition(b":")
-        if name in (b"VmRSS", b"VmHWM"):
-            with contextlib.suppress(IndexError, ValueError):
-                found[name.decode()] = int(value.split()[0]) * 1024
-    return found
-
-
 def write_bytes(pid: int | str) -> int | None:
     """`write_bytes` of /proc/<pid>/io: bytes the process (and the children it reaped) dirtied."""
-    for line in _read(f"/proc/{pid}/io").splitlines():
+    for line in read_bytes(f"/proc/{pid}/io").splitlines():
         name, _, value = line.partition(b":")
         if name == b"write_bytes":
             return int(value)
@@ -460,7 +389,7 @@ class ChildWatch:
     def __init__(self, server_pid: int, data_dir: Path) -> None:
         self.server_pid = server_pid
         self.needle = os.fsencode(str(data_dir))
-        self.server_cmdline = _read(f"/proc/{server_pid}/cmdline")
+        self.server_cmdline = read_bytes(f"/proc/{server_pid}/cmdline")
         self.children: dict[int, Child] = {}
         self.server_peak_rss = 0
         self._ignored: set[int] = set()
@@ -490,7 +419,7 @@ class ChildWatch:
 
     def _server_ticks(self) -> tuple[int, int]:
         """(utime+stime, cutime+cstime) of the server."""
-        fields = _stat(self.server_pid)
+        fields = pid_stat(self.server_pid)
         if fields is None:
             return (0, 0)
         return (int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]))
@@ -506,7 +435,7 @@ class ChildWatch:
             for child in self.children.values():
                 if not child.gone:
                     self._update(child, now)
-            rss = _status(self.server_pid).get("VmRSS", 0)
+            rss = vm_bytes(self.server_pid).get("VmRSS", 0)
             self.server_peak_rss = max(self.server_peak_rss, rss)
 
     def _discover(self, now: float) -> None:
@@ -517,23 +446,23 @@ class ChildWatch:
         self._ignored &= pids  # a pid may be reused once its process is gone
         parents = {self.server_pid, *self.children}
         for pid in pids - self._ignored - self.children.keys():
-            fields = _stat(pid)
+            fields = pid_stat(pid)
             if fields is None:
                 continue
             if int(fields[1]) not in parents:
                 self._ignored.add(pid)
                 continue
-            cmdline = _read(f"/proc/{pid}/cmdline")
+            cmdline = read_bytes(f"/proc/{pid}/cmdline")
             if not cmdline or cmdline == self.server_cmdline:
                 continue  # forked, not exec'd yet: look again at the next sample
-            if self.needle not in cmdline and self.needle not in _read(f"/proc/{pid}/environ"):
+            if self.needle not in cmdline and self.needle not in read_bytes(f"/proc/{pid}/environ"):
                 self._ignored.add(pid)
                 continue
             self.children[pid] = Child(pid, _role(cmdline), _tag(cmdline), now, now)
             self._update(self.children[pid], now)
 
     def _update(self, child: Child, now: float) -> None:
-        fields = _stat(child.pid)
+        fields = pid_stat(child.pid)
         if fields is None or fields[0] == b"Z":
             if fields is not None:  # a zombie still shows its final CPU time
                 child.ticks = int(fields[11]) + int(fields[12])
@@ -543,7 +472,7 @@ class ChildWatch:
         child.ticks = int(fields[11]) + int(fields[12])
         if fields[0] in (b"T", b"t"):
             child.stopped_s += dt
-        status = _status(child.pid)
+        status = vm_bytes(child.pid)
         child.peak_rss = max(child.peak_rss, status.get("VmRSS", 0))
         child.hwm = max(child.hwm, status.get("VmHWM", 0))
         if child.role in ("cloner", "uploadserver") and self._in_sync(child.pid):
@@ -555,7 +484,7 @@ class ChildWatch:
             return False
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{pid}/task"):
-                words = _read(f"/proc/{pid}/task/{tid}/syscall").split(maxsplit=1)
+                words = read_bytes(f"/proc/{pid}/task/{tid}/syscall").split(maxsplit=1)
                 if words and words[0].isdigit() and int(words[0]) in self._sync_calls:
                     return True
         return False
@@ -734,7 +663,7 @@ class Server:
         while (left := processes_mentioning(self.data)) and time.monotonic() < deadline:
             time.sleep(0.1)
         for pid in left:
-            comm = _read(f"/proc/{pid}/comm").decode(errors="replace").strip()
+            comm = read_bytes(f"/proc/{pid}/comm").decode(errors="replace").strip()
             self.errors.append(f"left running after the server stopped: {pid}:{comm} (killed)")
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)

@@ -81,7 +81,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import MIB, fmt, free_port, memory_state, table, tool_version
+from benchlib import (
+    MIB,
+    fmt,
+    free_port,
+    memory_state,
+    pid_stat,
+    read_bytes,
+    stat_fields,
+    table,
+    tool_version,
+    vm_bytes,
+)
 
 from cdi.controller.certs import KeyPair, create_ca, issue_client_cert, issue_server_cert
 from cdi.provisioner import volume_path
@@ -371,41 +382,11 @@ def _pair(cert: Path, key: Path, pair: KeyPair) -> list[tuple[Path, bytes]]:
 # /proc
 
 
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except OSError:
-        return b""
-
-
-def _stat_fields(pid: int) -> list[bytes] | None:
-    return _stat_fields_path(f"/proc/{pid}/stat")
-
-
-def _stat_fields_path(path: str) -> list[bytes] | None:
-    """The fields of a /proc stat file after the command name (state first)."""
-    data = _read(path)
-    if not data:
-        return None
-    return data[data.rfind(b")") + 2 :].split()
-
-
-def _status_kib(pid: int) -> dict[str, int]:
-    found: dict[str, int] = {}
-    for line in _read(f"/proc/{pid}/status").splitlines():
-        name, _, value = line.partition(b":")
-        if name in (b"VmRSS", b"VmHWM"):
-            with contextlib.suppress(IndexError, ValueError):
-                found[name.decode()] = int(value.split()[0]) * 1024
-    return found
-
-
 def _children(pid: int) -> list[int]:
     found: list[int] = []
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
-            found += [int(x) for x in _read(f"/proc/{pid}/task/{tid}/children").split()]
+            found += [int(x) for x in read_bytes(f"/proc/{pid}/task/{tid}/children").split()]
     return found
 
 
@@ -419,7 +400,7 @@ def _tree_rss(pid: int) -> int:
         if child in seen:
             continue
         seen.add(child)
-        statm = _read(f"/proc/{child}/statm").split()
+        statm = read_bytes(f"/proc/{child}/statm").split()
         if len(statm) > 1:
             total += int(statm[1]) * PAGE_SIZE
         todo += _children(child)
@@ -482,7 +463,7 @@ class ProcWatch:
 
     def sample(self) -> None:
         for name, usage in self.usage.items():
-            fields = _stat_fields(usage.pid)
+            fields = pid_stat(usage.pid)
             if fields is None or fields[0] == b"Z":
                 continue
             now = (
@@ -495,7 +476,7 @@ class ProcWatch:
             usage.children_cpu_s = (now[1] - first[1]) / CLK_TCK
             usage.minor_faults = now[2] - first[2]
             self._sample_threads(name, usage)
-            status = _status_kib(usage.pid)
+            status = vm_bytes(usage.pid)
             if "VmRSS" in status:
                 usage.peak_rss = max(usage.peak_rss, status["VmRSS"])
             if "VmHWM" in status:
@@ -507,7 +488,7 @@ class ProcWatch:
         threads = self._threads[name]
         with contextlib.suppress(OSError):
             for entry in os.listdir(f"/proc/{usage.pid}/task"):
-                fields = _stat_fields_path(f"/proc/{usage.pid}/task/{entry}/stat")
+                fields = stat_fields(f"/proc/{usage.pid}/task/{entry}/stat")
                 if fields is None:
                     continue
                 ticks = int(fields[11]) + int(fields[12])
@@ -524,7 +505,7 @@ class ProcWatch:
 
 def host_busy_ticks() -> int:
     """Busy jiffies of all CPUs (user, nice, system, irq, softirq, steal) from /proc/stat."""
-    fields = _read("/proc/stat").splitlines()[0].split()[1:]
+    fields = read_bytes("/proc/stat").splitlines()[0].split()[1:]
     values = [int(x) for x in fields]
     return sum(values[i] for i in (0, 1, 2, 5, 6, 7) if i < len(values))
 
@@ -535,7 +516,7 @@ def process_cpu() -> dict[int, tuple[str, int, int, int]]:
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        data = _read(f"/proc/{name}/stat")
+        data = read_bytes(f"/proc/{name}/stat")
         if not data:
             continue
         with contextlib.suppress(IndexError, ValueError):
@@ -583,11 +564,11 @@ def find_upload_server(data_dir: Path, exclude: set[int]) -> int | None:
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) in exclude:
             continue
-        cmdline = _read(f"/proc/{name}/cmdline")
+        cmdline = read_bytes(f"/proc/{name}/cmdline")
         if not any(m in cmdline for m in SERVER_MARKERS):
             continue
-        if needle in _read(f"/proc/{name}/environ"):
-            fields = _stat_fields(int(name))
+        if needle in read_bytes(f"/proc/{name}/environ"):
+            fields = pid_stat(int(name))
             if fields is not None and fields[0] != b"Z":
                 return int(name)
     return None
@@ -600,8 +581,10 @@ def processes_mentioning(path: Path) -> list[int]:
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == os.getpid():
             continue
-        if needle in _read(f"/proc/{name}/cmdline") or needle in _read(f"/proc/{name}/environ"):
-            fields = _stat_fields(int(name))
+        if needle in read_bytes(f"/proc/{name}/cmdline") or needle in read_bytes(
+            f"/proc/{name}/environ"
+        ):
+            fields = pid_stat(int(name))
             if fields is not None and fields[0] != b"Z":
                 found.append(int(name))
     return found
@@ -702,7 +685,7 @@ def run_timed(
 
 def curl_answer(logdir: Path, label: str) -> str:
     """What the upload server answered (curl's -o file)."""
-    return _read(str(logdir / f"{label}.body")).decode(errors="replace").strip()
+    return read_bytes(str(logdir / f"{label}.body")).decode(errors="replace").strip()
 
 
 class Stack:
@@ -807,7 +790,7 @@ class Stack:
         while (left := processes_mentioning(self.data)) and time.monotonic() < deadline:
             time.sleep(0.1)
         for pid in left:
-            comm = _read(f"/proc/{pid}/comm").decode(errors="replace").strip()
+            comm = read_bytes(f"/proc/{pid}/comm").decode(errors="replace").strip()
             self.notes.append(f"left running after the server stopped: {pid}:{comm} (killed)")
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
@@ -1133,7 +1116,7 @@ def run_sink(ctx: Context, fmt_: str, index: int) -> Run:
             code = sink.wait(timeout=30)
         except subprocess.TimeoutExpired:
             code = None
-        lines = _read(str(out)).decode(errors="replace").strip().splitlines()
+        lines = read_bytes(str(out)).decode(errors="replace").strip().splitlines()
         with contextlib.suppress(IndexError, ValueError):
             run.sink = json.loads(lines[-1])
         if run.sink is not None:
@@ -1142,7 +1125,7 @@ def run_sink(ctx: Context, fmt_: str, index: int) -> Run:
             usage.hwm = max(usage.hwm, int(run.sink.get("hwm", 0)))
         if run.error is None:
             if code != 0 or run.sink is None:
-                err = _read(str(ctx.logdir / f"{label}.server.err")).decode(errors="replace")
+                err = read_bytes(str(ctx.logdir / f"{label}.server.err")).decode(errors="replace")
                 run.error = f"sink exited with {code}: {err.strip()[-300:]}"
             elif run.sink["received"] != source.stat().st_size:
                 run.error = f"sink received {run.sink['received']} bytes"
@@ -1670,7 +1653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"cdi server pid {stack.server.pid if stack.server else '?'}, proxy pid "
                     f"{stack.proxy.pid} on 127.0.0.1:{stack.proxy_port}"
                 )
-                proxy_idle = _status_kib(stack.proxy.pid).get("VmRSS")
+                proxy_idle = vm_bytes(stack.proxy.pid).get("VmRSS")
                 ctx = Context(
                     images=images,
                     work=work,
@@ -1697,7 +1680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         run = run_proxy(ctx, fmt_, 99, profile=out)
                         log(f"  profiled: {_run_line(run)}")
                         profiles[fmt_] = summarize_profiles(out)
-                proxy_hwm = _status_kib(stack.proxy.pid).get("VmHWM")
+                proxy_hwm = vm_bytes(stack.proxy.pid).get("VmHWM")
             notes += stack.notes
         except Exception as err:
             log(f"benchmark error: {type(err).__name__}: {err}")
