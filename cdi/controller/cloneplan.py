@@ -73,7 +73,7 @@ SNAPSHOT_PREFIX: Final = "tmp-snapshot-"
 #: On every clone target (any strategy): `<namespace>/<name>` of the source, for status messages.
 CLONE_SOURCE_ANNOTATION: Final = "cdi.kubevirt.io/storage.clone.source"
 WAIT: Final = 2.0
-SIZE_POLL: Final = 1.0  # the size-detection pod is not watched: look again this often
+SIZE_POLL: Final = 5.0  # the pod wakes the DataVolume that started it; others look this often
 CN_MAX: Final = 64
 
 
@@ -365,7 +365,11 @@ async def _detected_size(ctx: _Context, src: Obj) -> Waiting | None:
     ):
         return None
     found = await sizedetection.detect(
-        ctx.client, src, cdi_config_status=ctx.config_status, local=ctx.local
+        ctx.client,
+        src,
+        cdi_config_status=ctx.config_status,
+        local=ctx.local,
+        requester=f"{ctx.namespace}/{ctx.name}",
     )
     if isinstance(found, sizedetection.Pending):
         return Waiting(DataVolumePhase.PENDING, found.reason, found.message, requeue=SIZE_POLL)

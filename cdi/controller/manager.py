@@ -34,6 +34,7 @@ from cdi.controller.config import cdiconfig_status, storage_profile_status
 from cdi.controller.datavolume import DataVolumeReconciler
 from cdi.controller.importing import ImportReconciler
 from cdi.controller.runtime import Controller, Request, Result
+from cdi.controller.sizedetection import requester_of_pod
 from cdi.controller.uploading import UploadReconciler, UploadSettings
 from cdi.kube.client import Client
 from cdi.kube.errors import AlreadyExists, ApiError, NotFound
@@ -150,6 +151,8 @@ async def run_controllers(
     datavolumes.watch_owned(PERSISTENT_VOLUME_CLAIM, owner_kind=DATA_VOLUME.kind)
     # A smart clone's temporary snapshot is owned by its DataVolume: ready -> create the claim.
     datavolumes.watch_owned(VOLUME_SNAPSHOT, owner_kind=DATA_VOLUME.kind)
+    # A size-detection pod that answered wakes the clone DataVolume that started it.
+    datavolumes.watch_mapped(POD, requester_of_pod)
     imports = Controller(
         client,
         name="import",

@@ -31,6 +31,7 @@ from cdi.controller.podspecs import (
     pod_resources,
     worker_security_context,
 )
+from cdi.controller.runtime import Request
 from cdi.kube.client import Client
 from cdi.kube.errors import AlreadyExists, NotFound
 
@@ -43,6 +44,9 @@ IMAGE_PATH: Final = f"{env.DEFAULT_DATA_DIR}/{env.DISK_IMAGE_NAME}"
 REASON_CREATED: Final = "SizeDetectionPodCreated"
 REASON_NOT_READY: Final = "SizeDetectionPodNotReady"
 REASON_FAILED: Final = "SizeDetectionPodFailed"
+REQUESTER_ANNOTATION: Final = "cdi.kubevirt.io/storage.sizeDetection.dataVolume"
+"""The DataVolume (<ns>/<name>) that started the pod: its changes wake that DataVolume (others
+waiting on the same source look again every few seconds)."""
 
 Obj = dict[str, Any]
 
@@ -74,6 +78,7 @@ def size_pod(
     *,
     cdi_config_status: Mapping[str, Any],
     local: bool,
+    requester: str = "",
     image: str = IMPORTER_IMAGE,
     command: str = COMMAND,
 ) -> Obj:
@@ -111,6 +116,7 @@ def size_pod(
             "name": POD_PREFIX + str(meta.get("uid", "")),
             "namespace": str(meta["namespace"]),
             "labels": {ann.LABEL_APP: ann.LABEL_APP_VALUE},
+            "annotations": {REQUESTER_ANNOTATION: requester} if requester else {},
             "ownerReferences": [
                 {
                     "apiVersion": PERSISTENT_VOLUME_CLAIM.api_version,
@@ -124,6 +130,14 @@ def size_pod(
     }
 
 
+def requester_of_pod(pod: Mapping[str, Any]) -> list[Request]:
+    """The DataVolume a size-detection pod answers (for the DataVolume controller's watch)."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    requester = annotations.get(REQUESTER_ANNOTATION) or ""
+    namespace, _, name = requester.partition("/")
+    return [Request(namespace, name)] if namespace and name else []
+
+
 def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any]:
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
     return ((statuses[0].get("state") or {}).get("terminated") or {}) if statuses else {}
@@ -135,6 +149,7 @@ async def detect(
     *,
     cdi_config_status: Mapping[str, Any],
     local: bool,
+    requester: str,
 ) -> int | Pending:
     """The virtual size of `src`'s disk image: cached, or read by the pod (see the module)."""
     if (size := cached_size(src)) is not None:
@@ -145,7 +160,9 @@ async def detect(
     try:
         pod = await client.get(POD, name, namespace)
     except NotFound:
-        manifest = size_pod(src, cdi_config_status=cdi_config_status, local=local)
+        manifest = size_pod(
+            src, cdi_config_status=cdi_config_status, local=local, requester=requester
+        )
         with contextlib.suppress(AlreadyExists):
             await client.create(POD, manifest, namespace)
             log.info("size-detection pod %s/%s created for %s", namespace, name, where)

@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from cdi.api import annotations as ann
-from cdi.controller.sizedetection import COMMAND, IMAGE_PATH, POD_PREFIX, cached_size, size_pod
+from cdi.controller.runtime import Request
+from cdi.controller.sizedetection import (
+    COMMAND,
+    IMAGE_PATH,
+    POD_PREFIX,
+    cached_size,
+    requester_of_pod,
+    size_pod,
+)
 
 
 def source(capacity: str = "1Gi", **annotations: str) -> dict[str, Any]:
@@ -22,7 +30,7 @@ def source(capacity: str = "1Gi", **annotations: str) -> dict[str, Any]:
 
 
 def test_pod_reads_the_source_read_only_in_its_namespace() -> None:
-    pod = size_pod(source(), cdi_config_status={}, local=False)
+    pod = size_pod(source(), cdi_config_status={}, local=False, requester="team/copy")
     meta = pod["metadata"]
     assert (meta["name"], meta["namespace"]) == (POD_PREFIX + "1234-abcd", "images")
     assert meta["ownerReferences"][0]["uid"] == "1234-abcd"  # gone with the source
@@ -35,6 +43,9 @@ def test_pod_reads_the_source_read_only_in_its_namespace() -> None:
     }
     assert pod["spec"]["restartPolicy"] == "Never"
     assert container["securityContext"]["runAsNonRoot"] is True
+    # Its changes wake the DataVolume that started it.
+    assert requester_of_pod(pod) == [Request("team", "copy")]
+    assert requester_of_pod({"metadata": {}}) == []
 
 
 def test_cached_size_holds_only_for_the_capacity_it_was_read_at() -> None:
